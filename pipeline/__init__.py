@@ -1,0 +1,1 @@
+"""AKI training pipeline."""

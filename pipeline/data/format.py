@@ -1,0 +1,107 @@
+"""The on-disk sample format (MDS columns) and the per-dataset manifest.
+
+Data prep writes, and training reads, exactly these columns::
+
+    input_ids      ndarray:int32   chat-templated ids, each image expanded to N placeholder ids
+    modality_ids   ndarray:uint8   one pipeline.tokens id per token (never PAD)
+    images         bytes           the sample's JPEG files, concatenated (empty when text-only)
+    image_lengths  ndarray:int32   byte length of each JPEG in ``images`` (one per image)
+    source         str             dataset name (``vqav2``, ``kale``, ...)
+    id             str             the record's id in its original files
+
+Next to the MDS ``index.json`` each dataset folder holds ``manifest.json`` (see :class:`Manifest`):
+N, image size, tokenizer fingerprint, counts, and the samples skipped by reason. Training refuses data
+whose N or tokenizer fingerprint does not match the model (:func:`check_manifest`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+MDS_COLUMNS: dict[str, str] = {
+    "input_ids": "ndarray:int32",
+    "modality_ids": "ndarray:uint8",
+    "images": "bytes",
+    "image_lengths": "ndarray:int32",
+    "source": "str",
+    "id": "str",
+}
+MANIFEST_NAME = "manifest.json"
+
+
+def join_images(jpegs: list[bytes]) -> tuple[bytes, np.ndarray]:
+    """Pack JPEG files into the ``images`` / ``image_lengths`` columns."""
+    return b"".join(jpegs), np.array([len(j) for j in jpegs], np.int32)
+
+
+def split_images(blob: bytes, lengths: np.ndarray) -> list[bytes]:
+    """Inverse of :func:`join_images`."""
+    if int(np.sum(lengths)) != len(blob):
+        raise ValueError(f"image_lengths sum to {int(np.sum(lengths))} bytes but images holds {len(blob)}")
+    out, start = [], 0
+    for n in lengths.tolist():
+        out.append(blob[start:start + n])
+        start += n
+    return out
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What a dataset folder holds and how it was made."""
+
+    source: str
+    num_visual_tokens: int
+    image_size: int
+    tokenizer_fingerprint: str
+    samples: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    truncated: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    license: str = ""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        """Count a record dropped for ``reason``."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def merge(self, other: "Manifest") -> None:
+        """Add another part's counts (e.g. one worker's shard range) into this one."""
+        for field in ("samples", "tokens", "target_tokens", "truncated"):
+            setattr(self, field, getattr(self, field) + getattr(other, field))
+        self.skipped = dict(Counter(self.skipped) + Counter(other.skipped))
+
+    def write(self, folder: str | os.PathLike) -> str:
+        path = os.path.join(folder, MANIFEST_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+        return path
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    """Read ``manifest.json`` of a dataset folder, with a clear error when it is missing."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {folder} is not a dataset written by data_prep/ "
+                                "(run data_prep/build_pretrain_shards.py or build_sft_mixture.py)")
+    with open(path) as f:
+        data = json.load(f)
+    known = {f.name for f in dataclasses.fields(Manifest)}
+    return Manifest(**{k: v for k, v in data.items() if k in known})
+
+
+def check_manifest(manifest: Manifest, folder: str, num_visual_tokens: int, fingerprint: str) -> None:
+    """Refuse data made for another model: N visual tokens or tokenizer must match."""
+    if manifest.num_visual_tokens != num_visual_tokens:
+        raise ValueError(f"dataset {folder} was built with N={manifest.num_visual_tokens} visual tokens per "
+                         f"image but the model uses N={num_visual_tokens}; rebuild it with the model's size")
+    if manifest.tokenizer_fingerprint != fingerprint:
+        raise ValueError(f"dataset {folder} was tokenized with tokenizer {manifest.tokenizer_fingerprint} but "
+                         f"the model's tokenizer is {fingerprint}; rebuild it with the same tokenizer folder")

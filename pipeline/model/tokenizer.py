@@ -1,0 +1,96 @@
+"""Tokenizer set-up: the special tokens AKI adds, a fingerprint for the data manifest, and a tiny
+tokenizer builder for CPU runs.
+
+A real run loads Phi-3.5-mini's tokenizer with ``AutoTokenizer.from_pretrained(path)``; tests and the
+quickstart build a small byte-level BPE tokenizer with the ``tokenizers`` library, save it as a
+``PreTrainedTokenizerFast`` folder and load it through the very same ``from_pretrained`` path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK = "<|endofchunk|>"
+PAD_TOKEN = "<pad>"
+# Phi-3 chat roles; they exist in the Phi-3.5 tokenizer and in the tiny one built below.
+SYSTEM_TAG, USER_TAG, ASSISTANT_TAG, END_TAG = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", SYSTEM_TAG, USER_TAG, ASSISTANT_TAG, END_TAG]
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load a tokenizer folder (or hub id) and add AKI's special tokens."""
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add the image placeholder, ``<|endofchunk|>`` and (when missing) a pad token. Idempotent.
+
+    The model's embeddings must be resized to ``len(tokenizer)`` afterwards
+    (``AKIModel`` does this when it is given the tokenizer).
+    """
+    missing = [t for t in (IMAGE_TOKEN, END_OF_CHUNK) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                     replace_additional_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Id of the image placeholder; each image slot in ``input_ids`` holds it."""
+    return _require_token(tokenizer, IMAGE_TOKEN)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end a generated answer: ``<|end|>``, ``<|endofchunk|>`` and EOS."""
+    ids = {_require_token(tokenizer, END_TAG), _require_token(tokenizer, END_OF_CHUNK)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the vocabulary (tokens, ids and added tokens).
+
+    Stored in every dataset manifest; training refuses data tokenized with another vocabulary.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps({"vocab": vocab, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id},
+                      ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _require_token(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {token!r} token; load it with "
+                         "pipeline.model.tokenizer.load_tokenizer (which adds AKI's tokens)")
+    return tid
+
+
+def build_tiny_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: int = 500) -> str:
+    """Train a small byte-level BPE tokenizer with Phi-3's special tokens and save it at ``path``.
+
+    Load the result with :func:`load_tokenizer` — the same path a real Phi-3.5 folder takes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=PHI3_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>",
+                                   additional_special_tokens=[SYSTEM_TAG, USER_TAG, ASSISTANT_TAG, END_TAG])
+    os.makedirs(path, exist_ok=True)
+    fast.save_pretrained(str(path))
+    return str(path)
