@@ -1,0 +1,246 @@
+"""Pre-training shards: img2dataset webdataset tars → MDS in the PT template, in parallel.
+
+Sources are a registry (:data:`PRETRAIN_SOURCES`): each knows how to read a caption out of a sample's
+tar members. BLIP3-Kale keeps its caption in ``.txt``; for BLIP3-OCR-200m the ``.txt`` holds the
+``captions`` JSON list and the caption is chosen by its ``granularity`` / ``include_datacomp_raw_cap``
+fields (never by list position). Granularity 0 without the raw alt-text is the paper's "Level 1, basic
+text extraction".
+
+Layout of the output folder::
+
+    OUT/part-00000/   MDS shards + index.json + manifest.json + _DONE  (one contiguous range of tars)
+    OUT/part-00001/   ...
+    OUT/index.json    all parts merged (streaming.base.util.merge_index)
+    OUT/manifest.json all parts' counts merged
+
+Parts are fixed by ``tars_per_part`` (not by the number of workers), so the output is the same for any
+worker count, a re-run skips finished parts, and several jobs (``job_index`` of ``num_jobs``) can share
+one output folder; whichever job finds every part finished merges the index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+from typing import Callable
+
+from tqdm import tqdm
+
+from data_prep.records import EMPTY_TEXT, MALFORMED_RECORD, MISSING_IMAGE, NON_UTF8_TEXT, Parsed, Sample, Skip
+from data_prep.tars import Members, list_tars, read_samples
+from data_prep.writer import (SHARD_SIZE_LIMIT, START_METHOD, DatasetWriter, EncodeSettings, cached_converter,
+                              check_reusable, is_done)
+from pipeline.chat import pretrain_segments
+from pipeline.data.format import Manifest, read_manifest
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+PART_FORMAT = "part-{:05d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionOptions:
+    """How to pick a caption: OCR-200m level selection (ignored by single-caption sources)."""
+
+    ocr_granularity: int = 0
+    ocr_include_raw_caption: bool = False
+
+
+class CaptionError(ValueError):
+    """A caption that cannot be used; ``reason`` is a skip reason."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _text(members: Members) -> str:
+    if "txt" not in members:
+        raise CaptionError(MALFORMED_RECORD, "sample has no .txt member")
+    try:
+        return members["txt"].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CaptionError(NON_UTF8_TEXT, f".txt is not UTF-8: {err}") from None
+
+
+def kale_caption(members: Members, options: CaptionOptions) -> str:
+    """BLIP3-Kale: the ``.txt`` member is the caption."""
+    return _text(members)
+
+
+def ocr200m_caption(members: Members, options: CaptionOptions) -> str:
+    """BLIP3-OCR-200m: pick the entry of the ``captions`` JSON list with the wanted granularity."""
+    try:
+        entries = json.loads(_text(members))
+        matches = [e["text"] for e in entries
+                   if e["granularity"] == options.ocr_granularity
+                   and bool(e["include_datacomp_raw_cap"]) == options.ocr_include_raw_caption]
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise CaptionError(MALFORMED_RECORD, f"captions JSON does not parse: {err!r}") from None
+    if len(matches) != 1 or not isinstance(matches[0], str):
+        raise CaptionError(MALFORMED_RECORD, f"{len(matches)} captions with granularity "
+                           f"{options.ocr_granularity} (raw caption {options.ocr_include_raw_caption})")
+    return matches[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSource:
+    """A captioning dataset downloaded with img2dataset."""
+
+    name: str
+    license: str
+    caption: Callable[[Members, CaptionOptions], str]
+
+
+PRETRAIN_SOURCES: dict[str, PretrainSource] = {s.name: s for s in (
+    PretrainSource("kale", "BLIP3-Kale: Apache-2.0, research purposes only; image rights with their owners",
+                   kale_caption),
+    PretrainSource("ocr200m", "BLIP3-OCR-200m: Apache-2.0; image rights with their owners (DataComp-1B URLs)",
+                   ocr200m_caption),
+)}
+
+
+def get_source(name: str) -> PretrainSource:
+    try:
+        return PRETRAIN_SOURCES[name]
+    except KeyError:
+        raise ValueError(f"unknown pre-training source {name!r}; known: {', '.join(PRETRAIN_SOURCES)}") from None
+
+
+def parse_sample(key: str, members: Members, source: PretrainSource, options: CaptionOptions) -> Parsed:
+    """One tar sample → a PT :class:`Sample` (``<image>{caption}<|endofchunk|>``) or a :class:`Skip`."""
+    image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+    if image is None:
+        return Skip(MISSING_IMAGE, key, "no image member in the tar")
+    try:
+        caption = source.caption(members, options).strip()
+    except CaptionError as err:
+        return Skip(err.reason, key, str(err))
+    if not caption:
+        return Skip(EMPTY_TEXT, key, "empty caption")
+    return Sample(id=key, images=[image], segments=pretrain_segments(caption))
+
+
+@dataclasses.dataclass(frozen=True)
+class PartJob:
+    """One worker's unit: a contiguous range of tars written to one MDS sub-folder."""
+
+    folder: str
+    tars: tuple[str, ...]
+    source: str
+    options: CaptionOptions
+    settings: EncodeSettings
+    size_limit: str | int
+
+
+def build_part(job: PartJob) -> Manifest:
+    """Convert the tars of one part into its own MDS folder (re-done from scratch if unfinished)."""
+    converter = cached_converter(job.settings)
+    source = get_source(job.source)
+    manifest = converter.new_manifest(source.name, source.license, input_tars=len(job.tars),
+                                      **dataclasses.asdict(job.options))
+    with DatasetWriter(job.folder, manifest, job.size_limit) as writer:
+        for tar in job.tars:
+            for item in read_samples(tar):
+                parsed = item if isinstance(item, Skip) else parse_sample(*item, source, job.options)
+                writer.add(converter.convert(parsed, source.name))
+    return manifest
+
+
+def build_pretrain(inputs: list[str], out: str, source: str, settings: EncodeSettings,
+                   options: CaptionOptions = CaptionOptions(), workers: int | None = None,
+                   tars_per_part: int = 8, job_index: int = 0, num_jobs: int = 1,
+                   size_limit: str | int = SHARD_SIZE_LIMIT) -> Manifest | None:
+    """Convert the tars in ``inputs`` into ``out``; returns the merged manifest once every part is done."""
+    get_source(source)
+    if not 0 <= job_index < num_jobs:
+        raise ValueError(f"job_index {job_index} must be in [0, num_jobs={num_jobs})")
+    tars = list_tars(inputs)
+    ranges = [tuple(tars[i:i + tars_per_part]) for i in range(0, len(tars), tars_per_part)]
+    jobs = [PartJob(os.path.join(out, PART_FORMAT.format(i)), r, source, options, settings, size_limit)
+            for i, r in enumerate(ranges)]
+    per_job = -(-len(jobs) // num_jobs)
+    mine = jobs[job_index * per_job:(job_index + 1) * per_job]
+    pending = [j for j in mine if not is_done(j.folder)]
+    if len(pending) < len(mine):
+        expected = cached_converter(settings).new_manifest(source, "", **dataclasses.asdict(options))
+        for job in mine:
+            if is_done(job.folder):
+                check_reusable(job.folder, expected)
+    os.makedirs(out, exist_ok=True)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(pending)))
+    bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"{source} parts", unit="part")
+    if workers == 1:
+        for job in pending:
+            build_part(job)
+            bar.update()
+    else:
+        with multiprocessing.get_context(START_METHOD).Pool(workers) as pool:
+            for _ in pool.imap_unordered(build_part, pending):
+                bar.update()
+    bar.close()
+    if not all(is_done(j.folder) for j in jobs):
+        print(f"{out}: {sum(is_done(j.folder) for j in jobs)}/{len(jobs)} parts finished; the index is merged "
+              "when the last job finishes (or re-run with the same arguments)")
+        return None
+    return merge_parts(out, [j.folder for j in jobs])
+
+
+def merge_parts(out: str, folders: list[str]) -> Manifest:
+    """Merge the parts' MDS indexes into ``out/index.json`` and their manifests into one."""
+    from streaming.base.util import merge_index
+
+    logging.disable(logging.WARNING)     # merge_index warns about its temporary folder on every call
+    try:
+        merge_index([os.path.join(f, "index.json") for f in folders], out, keep_local=True)
+    finally:
+        logging.disable(logging.NOTSET)
+    merged: Manifest | None = None
+    examples: dict[str, list[str]] = {}
+    for folder in folders:
+        part = read_manifest(folder)
+        for reason, ids in part.extra.pop("skipped_examples", {}).items():
+            examples.setdefault(reason, []).extend(ids)
+        if merged is None:
+            merged = dataclasses.replace(part, samples=0, tokens=0, target_tokens=0, truncated=0, skipped={},
+                                         extra={**part.extra, "input_tars": 0})
+        merged.merge(part)
+        merged.extra["input_tars"] += part.extra.get("input_tars", 0)
+    assert merged is not None
+    merged.extra["parts"] = len(folders)
+    if examples:
+        merged.extra["skipped_examples"] = {k: v[:5] for k, v in sorted(examples.items())}
+    merged.write(out)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of ``data_prep/build_pretrain_shards.py``."""
+    import argparse
+
+    from data_prep.writer import add_encode_args, settings_from_args
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="img2dataset output: tar files, folders of tars or globs")
+    parser.add_argument("--out", required=True, help="output dataset folder")
+    parser.add_argument("--source", required=True, choices=sorted(PRETRAIN_SOURCES))
+    parser.add_argument("--ocr-granularity", type=int, default=0,
+                        help="OCR-200m caption granularity; 0 = the paper's Level 1 'basic text extraction'")
+    parser.add_argument("--ocr-include-raw-caption", action="store_true",
+                        help="OCR-200m: use the caption variant that includes the raw alt-text")
+    parser.add_argument("--tars-per-part", type=int, default=8, help="input tars per output MDS sub-folder")
+    parser.add_argument("--job-index", type=int, default=0, help="this job's index when several jobs share OUT")
+    parser.add_argument("--num-jobs", type=int, default=1, help="number of jobs sharing OUT")
+    parser.add_argument("--shard-size-limit", default=SHARD_SIZE_LIMIT, help="MDS shard size limit")
+    add_encode_args(parser, default_max_text_tokens=128)
+    args = parser.parse_args(argv)
+    manifest = build_pretrain(args.inputs, args.out, args.source, settings_from_args(args),
+                              CaptionOptions(args.ocr_granularity, args.ocr_include_raw_caption),
+                              args.workers, args.tars_per_part, args.job_index, args.num_jobs,
+                              args.shard_size_limit)
+    if manifest is not None:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skipped.items())) or "none"
+        print(f"{args.out}: {manifest.samples} samples, {manifest.tokens} tokens, "
+              f"{manifest.truncated} captions truncated; skipped: {skipped}")

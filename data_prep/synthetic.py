@@ -1,0 +1,266 @@
+"""Write the synthetic world (:mod:`data_prep.synthetic_world`) in the datasets' real raw formats.
+
+    python -m data_prep.synthetic --out DIR [--seed 0] [--pretrain 512] [--sft 256] [--eval 96]
+
+``DIR`` then holds what a user would download, so the real parsers run end to end on it::
+
+    pt/kale/00000.tar …        img2dataset webdataset tars (9-digit keys, .jpg/.txt/.json, _stats.json)
+    pt/ocr200m/00000.tar …     same, .txt = OCR-200m ``captions`` JSON list (granularities 0-5 × raw flag)
+    coco/train2014/, coco/train2017/   images under COCO names
+    vqav2/  aokvqa/  llava/  vsr/  refcoco/   SFT files in their original formats
+    sources.yaml               the sources file for data_prep/build_sft_mixture.py
+    cvbench/test_2d.jsonl, test_3d.jsonl, img/…   CV-Bench-style evaluation (same question kinds as SFT)
+    pope/coco_pope_{random,popular,adversarial}.json + images   POPE-style yes/no evaluation
+
+Python: :func:`generate_world` (returns the paths) and :func:`world_texts` (every text of the world,
+to train the quickstart's tiny tokenizer with ``pipeline.model.tokenizer.build_tiny_tokenizer``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import tarfile
+
+import yaml
+
+from data_prep.synthetic_world import (COLORS, Scene, caption, make_scene, mc_choices, questions, render)
+
+EVAL_SOURCES_2D = ("ADE20K", "COCO")
+CV_BENCH_TASKS = {"count": ("2D", "Count"), "relation": ("2D", "Relation"), "depth": ("3D", "Depth")}
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldPaths:
+    root: str
+    kale: str            # folder of webdataset tars
+    ocr200m: str
+    sources_yaml: str
+    cv_bench: str
+    pope: str
+
+
+def _rng(seed: int, stream: str) -> random.Random:
+    return random.Random(f"{seed}:{stream}")
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=None)
+
+
+def _write_jsonl(path: str, rows) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def ocr_captions(scene: Scene) -> list[dict]:
+    """The 12 OCR-200m caption variants: granularity 0-5, without then with the raw alt-text."""
+    out = []
+    for raw in (False, True):
+        for g in range(6):
+            where = "" if g == 0 else " located at the bottom left"
+            prefix = f"{caption(scene)} " if raw else ""
+            out.append({"text": f'{prefix}The image contains the text "{scene.word}"{where}', "granularity": g,
+                        "include_datacomp_raw_cap": raw})
+    return out
+
+
+def write_webdataset(folder: str, scenes: list[Scene], text_of, side: int, per_tar: int) -> None:
+    """img2dataset ``--output_format webdataset`` layout; every 7th key is a failed download (a gap)."""
+    os.makedirs(folder, exist_ok=True)
+    for shard, start in enumerate(range(0, len(scenes), per_tar)):
+        chunk = scenes[start:start + per_tar]
+        with tarfile.open(os.path.join(folder, f"{shard:05d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, scene in enumerate(chunk):
+                key = f"{shard * 10**4 + i:09d}"       # img2dataset: 5-digit shard + 4-digit index
+                if i % 7 == 6:
+                    continue                       # failed download: absent from the tar
+                meta = {"caption": text_of(scene), "url": f"http://synthetic.invalid/{scene.id}.jpg",
+                        "key": key, "status": "success", "error_message": None, "width": side,
+                        "height": side, "original_width": side, "original_height": side}
+                _add(tar, f"{key}.jpg", render(scene, side))
+                _add(tar, f"{key}.txt", text_of(scene).encode())
+                _add(tar, f"{key}.json", json.dumps(meta, indent=4).encode())
+        with open(os.path.join(folder, f"{shard:05d}_stats.json"), "w") as f:
+            json.dump({"count": len(chunk), "successes": len(chunk) - len(chunk) // 7,
+                       "failed_to_download": len(chunk) // 7, "failed_to_resize": 0}, f)
+
+
+def write_sft(root: str, scenes: list[Scene], rng: random.Random, side: int) -> dict[str, dict[str, str]]:
+    """VQAv2, A-OKVQA, LLaVA, VSR and RefCOCO (MDETR) files over ``scenes``; returns the sources map."""
+    vq_questions, vq_annotations, aok, llava, vsr, ref_images, ref_anns = [], [], [], [], [], [], []
+    for scene in scenes:
+        jpeg = render(scene, side)
+        for path in (f"coco/train2014/COCO_train2014_{scene.id:012d}.jpg", f"coco/train2017/{scene.id:012d}.jpg"):
+            os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
+            with open(os.path.join(root, path), "wb") as f:
+                f.write(jpeg)
+        for j, q in enumerate(questions(scene, rng)):
+            qid = scene.id * 100 + j
+            vq_questions.append({"image_id": scene.id, "question": q.question, "question_id": qid})
+            vq_annotations.append({
+                "question_id": qid, "image_id": scene.id, "question_type": q.task,
+                "answer_type": "number" if q.task == "count" else "yes/no" if q.answer in ("yes", "no") else "other",
+                "multiple_choice_answer": q.answer,
+                "answers": [{"answer": q.answer, "answer_confidence": "yes", "answer_id": k} for k in range(1, 11)]})
+            if q.task != "shape":
+                choices, idx = mc_choices(q, rng)
+                aok.append({"split": "train", "image_id": scene.id, "question_id": f"syn{qid}",
+                            "question": q.mc_question, "choices": choices, "correct_choice_idx": idx,
+                            "direct_answers": [choices[idx]] * 10, "difficult_direct_answer": False,
+                            "rationales": []})
+        n = len(scene.shapes)
+        llava.append({"id": f"{scene.id:012d}", "image": f"{scene.id:012d}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": caption(scene)},
+            {"from": "human", "value": "How many shapes are there?"},
+            {"from": "gpt", "value": f"There {'is' if n == 1 else 'are'} {n} shape{'s' if n > 1 else ''}."}]})
+        if n >= 2:
+            a, b = scene.shapes[:2]
+            if abs(a.x - b.x) > 0.2:
+                truth = rng.random() < 0.5
+                rel = ("left of" if a.x < b.x else "right of") if truth else ("right of" if a.x < b.x else "left of")
+                vsr.append({"image": f"{scene.id:012d}.jpg",
+                            "image_link": f"http://images.cocodataset.org/train2017/{scene.id:012d}.jpg",
+                            "caption": f"The {a.name} is {rel} the {b.name}.", "label": int(truth),
+                            "relation": rel, "annotator_id": 0, "vote_true_validator_id": "[]",
+                            "vote_false_validator_id": "[]", "reference_frame": None})
+        for s in scene.shapes:
+            rid = len(ref_images) + 1
+            ref_images.append({"file_name": f"COCO_train2014_{scene.id:012d}.jpg", "height": side, "width": side,
+                               "id": rid, "original_id": scene.id, "caption": s.name, "dataset_name": "refcoco",
+                               "tokens_negative": []})
+            ref_anns.append({"area": s.box(side)[2] ** 2, "iscrowd": 0, "image_id": rid, "category_id": 1,
+                             "id": rid, "bbox": list(s.box(side)), "original_id": rid, "tokens_positive": []})
+    info = {"description": "synthetic world", "data_subtype": "train2014"}
+    _write_json(os.path.join(root, "vqav2/v2_OpenEnded_mscoco_train2014_questions.json"),
+                {"info": info, "task_type": "OpenEnded", "data_type": "mscoco", "data_subtype": "train2014",
+                 "license": {}, "questions": vq_questions})
+    _write_json(os.path.join(root, "vqav2/v2_mscoco_train2014_annotations.json"),
+                {"info": info, "license": {}, "data_type": "mscoco", "data_subtype": "train2014",
+                 "annotations": vq_annotations})
+    _write_json(os.path.join(root, "aokvqa/aokvqa_v1p0_train.json"), aok)
+    _write_json(os.path.join(root, "llava/llava_instruct_150k.json"), llava)
+    _write_jsonl(os.path.join(root, "vsr/train.jsonl"), vsr)
+    _write_json(os.path.join(root, "refcoco/finetune_refcoco_train.json"),
+                {"info": {}, "licenses": [], "categories": [{"id": 1, "name": "shape"}],
+                 "images": ref_images, "annotations": ref_anns})
+    return {
+        "vqav2": {"questions": "vqav2/v2_OpenEnded_mscoco_train2014_questions.json",
+                  "annotations": "vqav2/v2_mscoco_train2014_annotations.json", "images": "coco/train2014"},
+        "aokvqa": {"annotations": "aokvqa/aokvqa_v1p0_train.json", "images": "coco"},
+        "llava150k": {"annotations": "llava/llava_instruct_150k.json", "images": "coco/train2017"},
+        "vsr": {"annotations": "vsr/train.jsonl", "images": "coco"},
+        "refcoco": {"mdetr": "refcoco/finetune_refcoco_train.json", "images": "coco/train2014"},
+    }
+
+
+def write_cv_bench(folder: str, scenes: list[Scene], rng: random.Random, side: int) -> None:
+    """``test_2d.jsonl`` / ``test_3d.jsonl`` + ``img/`` with Count, Relation (2D) and Depth (3D) questions."""
+    rows = {"2D": [], "3D": []}
+    for scene in scenes:
+        for q in questions(scene, rng):
+            if q.task not in CV_BENCH_TASKS:
+                continue
+            kind, task = CV_BENCH_TASKS[q.task]
+            choices, idx = mc_choices(q, rng)
+            letter = "ABCD"[idx]
+            filename = f"img/{kind}/{task.lower()}/synthetic_{scene.id}.jpg"
+            path = os.path.join(folder, filename)
+            if not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(render(scene, side))
+            source = "Omni3D" if kind == "3D" else EVAL_SOURCES_2D[len(rows[kind]) % 2]
+            prompt = q.mc_question + " Select from the following choices.\n" + "\n".join(
+                f"({'ABCD'[i]}) {c}" for i, c in enumerate(choices))
+            rows[kind].append({"idx": len(rows["2D"]) + len(rows["3D"]), "type": kind, "task": task,
+                               "question": q.mc_question, "choices": choices, "answer": f"({letter})",
+                               "prompt": prompt, "filename": filename, "source": source})
+    _write_jsonl(os.path.join(folder, "test_2d.jsonl"), rows["2D"])
+    _write_jsonl(os.path.join(folder, "test_3d.jsonl"), rows["3D"])
+
+
+def write_pope(folder: str, scenes: list[Scene], rng: random.Random, side: int) -> None:
+    """POPE-style JSON-lines files (``.json`` names), one yes and one no question per image."""
+    lines = []
+    for scene in scenes:
+        name = f"COCO_val2014_{scene.id:012d}.jpg"
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(render(scene, side))
+        present = rng.choice(scene.shapes)
+        absent = rng.choice([c for c in COLORS if c not in {s.color for s in scene.shapes}] or ["purple"])
+        lines.append((name, f"Is there a {present.name} in the image?", "yes"))
+        lines.append((name, f"Is there a {absent} {present.kind} in the image?", "no"))
+    for split in ("random", "popular", "adversarial"):
+        _write_jsonl(os.path.join(folder, f"coco_pope_{split}.json"),
+                     [{"question_id": i, "image": n, "text": t, "label": lab} for i, (n, t, lab) in
+                      enumerate(lines, 1)])
+
+
+def generate_world(out: str, seed: int = 0, num_pretrain: int = 512, num_sft: int = 256, num_eval: int = 96,
+                   image_side: int = 64, per_tar: int = 64) -> WorldPaths:
+    """Write the whole world under ``out`` (deterministic for a given seed and sizes)."""
+    pt_rng, sft_rng, eval_rng = _rng(seed, "pt"), _rng(seed, "sft"), _rng(seed, "eval")
+    pt = [make_scene(pt_rng, i, word=i % 2 == 1) for i in range(num_pretrain)]
+    paths = WorldPaths(out, os.path.join(out, "pt/kale"), os.path.join(out, "pt/ocr200m"),
+                       os.path.join(out, "sources.yaml"), os.path.join(out, "cvbench"), os.path.join(out, "pope"))
+    write_webdataset(paths.kale, pt, caption, image_side, per_tar)
+    write_webdataset(paths.ocr200m, [s for s in pt if s.word], lambda s: json.dumps(ocr_captions(s)),
+                     image_side, per_tar)
+    sft = [make_scene(sft_rng, 100_000 + i) for i in range(num_sft)]
+    with open(paths.sources_yaml, "w") as f:
+        yaml.safe_dump(write_sft(out, sft, sft_rng, image_side), f, sort_keys=False)
+    evals = [make_scene(eval_rng, 200_000 + i) for i in range(num_eval)]
+    write_cv_bench(paths.cv_bench, evals, eval_rng, image_side)
+    write_pope(paths.pope, evals[: max(1, num_eval // 4)], eval_rng, image_side)
+    return paths
+
+
+def world_texts(seed: int = 0, num_scenes: int = 200) -> list[str]:
+    """Every kind of text the world produces (captions, questions, answers, prompts), for a tokenizer."""
+    from data_prep.sft.common import SftOptions, TASK_INPUTS, lettered_options, task_input
+    from pipeline.chat import SYSTEM_MESSAGE
+
+    rng = _rng(seed, "texts")
+    texts = [SYSTEM_MESSAGE, *TASK_INPUTS.values(), "Describe the image.", "There are shapes."]
+    for i in range(num_scenes):
+        scene = make_scene(rng, i, word=i % 2 == 1)
+        texts.append(caption(scene))
+        texts.extend(c["text"] for c in ocr_captions(scene)[:2]) if scene.word else None
+        for q in questions(scene, rng):
+            choices, idx = mc_choices(q, rng)
+            options, _ = lettered_options(choices, idx, SftOptions(), str(i))
+            texts += [task_input("short_answer", question=q.question), q.answer,
+                      task_input("multiple_choice", question=q.mc_question, options=options)]
+    return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the synthetic shapes world in the real raw formats.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain", type=int, default=512, help="pre-training images (captioned)")
+    parser.add_argument("--sft", type=int, default=256, help="SFT images (several questions each)")
+    parser.add_argument("--eval", type=int, default=96, help="evaluation images")
+    parser.add_argument("--image-side", type=int, default=64, help="side of the drawn images in pixels")
+    args = parser.parse_args(argv)
+    paths = generate_world(args.out, args.seed, args.pretrain, args.sft, args.eval, args.image_side)
+    print(json.dumps(dataclasses.asdict(paths), indent=2))
+
+
+if __name__ == "__main__":
+    main()

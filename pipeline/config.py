@@ -1,0 +1,393 @@
+"""Training recipes: YAML files validated into dataclasses, with ``--set key=value`` overrides.
+
+A recipe (``pipeline/configs/*.yaml``) has four sections, one per dataclass below::
+
+    base: aki4b_pt_kale.yaml     # optional: a recipe this one extends (merged recursively)
+    model: {size: aki-4b, attention_mode: mma, ...}
+    data:  {mixture: ..., collate: pack, ...}
+    optim: {lr: 1.0e-4, min_lr: 1.0e-5, ...}
+    train: {stage: pt, global_batch_size: 192, ...}
+
+:func:`load_config` reads the recipe (following ``base:`` links), applies the command-line overrides,
+and validates every value. An unknown or misspelt key, a value of the wrong type or an impossible
+setting raises one :class:`ConfigError` naming the key — before the trainer starts any distributed
+work. Checks that need the world size (batch divisibility) or the file system (data, weights) are in
+:func:`validate_launch`, which the trainer calls right after.
+
+The DeepSpeed JSONs (``ds_configs/``) leave batch sizes, clipping and precision as ``"auto"``;
+:func:`fill_deepspeed_config` fills them from the recipe. The optimizer (AdamW) and the LR schedule are
+not in the JSONs: the trainer builds them in PyTorch from ``optim`` (``torch.optim.AdamW`` and
+``transformers.get_scheduler(optim.scheduler, ..., scheduler_specific_kwargs=optim.scheduler_kwargs())``)
+and hands them to ``deepspeed.initialize``, so every learning-rate fact lives in the recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.recipes import (ConfigError, Proportion, apply_overrides, build_dataclass, read_recipe,
+                              resolve_recipe)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = Path(__file__).resolve().parent / "configs"
+STAGES = ("pt", "sft")
+PRECISIONS = ("bf16", "fp32")
+COLLATE_MODES = ("pad", "pack")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
+INPUT_ORDERS = ("it", "ti")   # image-then-text (as stored) / text-then-image (DOT)
+WANDB_MODES = ("online", "offline", "disabled")
+# LR schedules by transformers.get_scheduler name -> the scheduler_specific_kwargs they take.
+SCHEDULERS: dict[str, typing.Callable[["OptimConfig"], dict[str, Any]]] = {
+    "cosine_with_min_lr": lambda optim: {"min_lr": optim.min_lr},
+    "linear": lambda optim: {},
+    "constant_with_warmup": lambda optim: {},
+}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which AKI variant to build and how it runs."""
+
+    size: str = "tiny"
+    """Model size name in pipeline.model.sizes.MODEL_SIZES ("aki-4b", "small", "tiny")."""
+    attention_mode: str = "mma"
+    """LLM attention rule, a key of pipeline.model.attention.MODES ("causal", "mma", "mma_general", "cca")."""
+    vision_weights: str | None = None
+    """SigLIP weights (folder or hub id); None: the size's default (random init when it has none)."""
+    llm_weights: str | None = None
+    """Phi-3 weights (folder or hub id); None: the size's default (random init when it has none)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; None: the LLM weights' folder, or the tokenizer saved in ``train.init_from``."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: "sdpa" (dense boolean mask, CPU and tests) or "flex_attention" (GPU BlockMask)."""
+    activation_checkpointing: bool = False
+    """Recompute LLM layer activations in the backward pass (less memory, about 30% more compute)."""
+
+
+@dataclasses.dataclass
+class DatasetSource:
+    """One dataset folder written by data_prep (MDS shards + manifest.json) and its sampling weight."""
+
+    path: str
+    """Folder holding index.json, the shards and manifest.json."""
+    proportion: Proportion = Proportion(1.0)
+    """Relative sampling weight; weights are normalised to sum to 1 (Table 4 ratios can be given as-is)."""
+    name: str | None = None
+    """Label for logs; None: the folder's name."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where samples come from and how they are batched."""
+
+    mixture: str | None = None
+    """Mixture YAML written by data_prep (``streams: [{name, local, proportion}]``). Set this or ``datasets``."""
+    datasets: list[DatasetSource] | None = None
+    """Dataset folders with proportions, instead of a mixture file."""
+    collate: str = "pack"
+    """"pad": one sample per row, padded to the longest; "pack": several samples per row of ``pack_tokens``."""
+    pack_tokens: int = 2048
+    """Token budget of one packed row (``collate: pack``); must hold the longest sample (``max_length``)."""
+    max_length: int = 512
+    """Longest sample in tokens, image slots included; longer samples are dropped and counted."""
+    pad_to_multiple_of: int = 8
+    """Round the padded row length up to a multiple of this (tensor-core friendly shapes)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (JPEG decoding runs there)."""
+    shuffle: bool = True
+    """Shuffle samples (deterministically from ``shuffle_seed``)."""
+    shuffle_seed: int = 9176
+    """Seed of the streaming shuffle; the same seed gives the same sample order on any number of ranks."""
+    orders: list[str] = dataclasses.field(default_factory=lambda: ["it"])
+    """Input orders of this stage, trained one after another, each for an equal share of the steps.
+    ["it"]: image then text, as stored; ["ti", "it"]: dual-order training (DOT); ["ti"]: DOT ablation."""
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (created by the trainer in PyTorch, not by DeepSpeed)."""
+
+    lr: float = 1e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 0
+    """Linear warmup length in optimizer steps."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment coefficients."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    scheduler: str = "cosine_with_min_lr"
+    """transformers.get_scheduler name; one of SCHEDULERS."""
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        """``scheduler_specific_kwargs`` for ``transformers.get_scheduler(self.scheduler, ...)``."""
+        return SCHEDULERS[self.scheduler](self)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The run: stage, batch geometry, length, precision, checkpoints and logging."""
+
+    stage: str = "pt"
+    """"pt" (captions) or "sft" (instructions); recorded in the export and checked by the next stage."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all ranks (= micro_batch_size x world size x accumulation steps)."""
+    micro_batch_size: int = 2
+    """Samples per rank per forward/backward."""
+    total_steps: int = 10
+    """Optimizer steps of this stage (the LR schedule's length)."""
+    precision: str = "bf16"
+    """"bf16" (GPU) or "fp32" (CPU runs and tests)."""
+    seed: int = 0
+    """Seed of parameter initialisation and of every random choice in the trainer."""
+    save_every: int = 1000
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Resumable checkpoints to keep; older ones are deleted."""
+    output_dir: str | None = None
+    """Run folder (checkpoints, export, logs); None: runs/<recipe name>."""
+    init_from: str | None = None
+    """Export folder of a previous stage to start from (e.g. PT export for SFT); None: pretrained parts."""
+    deepspeed: str = "ds_configs/zero3_bf16.json"
+    """DeepSpeed JSON; relative paths are looked up from the working directory, then the repository."""
+    max_nonfinite_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss (such steps are skipped)."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    wandb_project: str = "aki"
+    """Weights & Biases project."""
+    wandb_mode: str = "offline"
+    """"offline" (default: write locally, sync later), "online" or "disabled"."""
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole recipe."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    name: str = "run"
+    """The recipe's name (its file name without .yaml); names the default output folder."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dictionary (YAML/JSON-serialisable), e.g. to store next to a checkpoint."""
+        out = dataclasses.asdict(self)
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a recipe (path or shipped name), apply ``--set`` overrides, validate. Raises ConfigError."""
+    recipe = resolve_recipe(path, RECIPES_DIR)
+    raw = apply_overrides(read_recipe(recipe), list(overrides or []))
+    raw.setdefault("name", recipe.stem)
+    config = build_dataclass(Config, raw)
+    validate(config)
+    return config
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _choice(value: str, choices: typing.Iterable[str], key: str) -> None:
+    choices = list(choices)
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"config `{key}` is {value!r}; {hint}choose one of {', '.join(map(repr, choices))}")
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if not (value > 0 or (allow_zero and value == 0)) or value != value:
+        raise ConfigError(f"config `{key}` must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Every check that needs neither the world size nor the file system."""
+    from pipeline.model.attention import MODES
+    from pipeline.model.sizes import MODEL_SIZES
+
+    m, d, o, t = config.model, config.data, config.optim, config.train
+    _choice(m.size, MODEL_SIZES, "model.size")
+    _choice(m.attention_mode, MODES, "model.attention_mode")
+    _choice(m.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+    if d.mixture is not None and d.datasets is not None:
+        raise ConfigError("config sets both `data.mixture` and `data.datasets`; keep one")
+    if d.datasets is not None and sum(s.proportion for s in d.datasets) <= 0:
+        raise ConfigError("config `data.datasets`: the proportions sum to 0; give at least one a weight > 0")
+    _choice(d.collate, COLLATE_MODES, "data.collate")
+    for key in ("pack_tokens", "max_length", "pad_to_multiple_of"):
+        _positive(getattr(d, key), f"data.{key}")
+    _positive(d.num_workers, "data.num_workers", allow_zero=True)
+    if d.collate == "pack" and d.pack_tokens < d.max_length:
+        raise ConfigError(f"config `data.pack_tokens` ({d.pack_tokens}) is smaller than `data.max_length` "
+                          f"({d.max_length}): a packed row must hold the longest sample")
+    if not d.orders:
+        raise ConfigError("config `data.orders` is empty; use [it] (as stored) or [ti, it] (DOT)")
+    for i, order in enumerate(d.orders):
+        _choice(order, INPUT_ORDERS, f"data.orders[{i}]")
+    _positive(o.lr, "optim.lr")
+    _positive(o.min_lr, "optim.min_lr", allow_zero=True)
+    if o.min_lr > o.lr:
+        raise ConfigError(f"config `optim.min_lr` ({o.min_lr}) is above `optim.lr` ({o.lr}); "
+                          "the cosine schedule decays from lr down to min_lr")
+    for key in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
+        _positive(getattr(o, key), f"optim.{key}", allow_zero=key != "eps")
+    for i, beta in enumerate(o.betas):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"config `optim.betas[{i}]` must be in [0, 1), got {beta}")
+    _choice(o.scheduler, SCHEDULERS, "optim.scheduler")
+    _choice(t.stage, STAGES, "train.stage")
+    _choice(t.precision, PRECISIONS, "train.precision")
+    _choice(t.wandb_mode, WANDB_MODES, "train.wandb_mode")
+    for key in ("global_batch_size", "micro_batch_size", "total_steps", "save_every", "keep_last",
+                "max_nonfinite_steps", "log_every"):
+        _positive(getattr(t, key), f"train.{key}")
+    if o.warmup_steps >= t.total_steps:
+        raise ConfigError(f"config `optim.warmup_steps` ({o.warmup_steps}) must be below `train.total_steps` "
+                          f"({t.total_steps})")
+    if t.total_steps < len(d.orders):
+        raise ConfigError(f"config `train.total_steps` ({t.total_steps}) cannot be split between the "
+                          f"{len(d.orders)} input orders of `data.orders`")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"config `train.global_batch_size` ({t.global_batch_size}) is not a multiple of "
+                          f"`train.micro_batch_size` ({t.micro_batch_size})")
+    if t.output_dir is None:
+        t.output_dir = os.path.join("runs", config.name)
+
+
+def grad_accum_steps(config: Config, world_size: int) -> int:
+    """Accumulation steps per optimizer step; ConfigError when the batch does not divide evenly."""
+    t = config.train
+    per_step = t.micro_batch_size * world_size
+    if world_size < 1 or t.global_batch_size % per_step:
+        raise ConfigError(
+            f"`train.global_batch_size` ({t.global_batch_size}) is not divisible by `train.micro_batch_size` "
+            f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}; change one of them "
+            f"(e.g. --set train.micro_batch_size=...)")
+    return t.global_batch_size // per_step
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given (absolute, or relative to the working directory), else relative to the repository."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
+        return p
+    return REPO_ROOT / p
+
+
+def validate_launch(config: Config, world_size: int) -> int:
+    """Checks that need the world size and the files; returns the accumulation steps.
+
+    Call it on every rank before any distributed work (it only reads files).
+    """
+    accum = grad_accum_steps(config, world_size)
+    d = config.data
+    if d.mixture is None and not d.datasets:
+        raise ConfigError("config has no data: set `data.mixture` (a mixture YAML from data_prep) or "
+                          "`data.datasets` (e.g. --set 'data.datasets=[{path: data/kale}]')")
+    paths = {"data.mixture": d.mixture, "train.deepspeed": config.train.deepspeed,
+             "train.init_from": config.train.init_from, "model.tokenizer": config.model.tokenizer}
+    paths.update({f"data.datasets[{i}].path": s.path for i, s in enumerate(d.datasets or [])})
+    for key, path in paths.items():
+        if path is not None and not resolve_path(path).exists():
+            raise ConfigError(f"config `{key}`: {path} does not exist (working directory {os.getcwd()})")
+    return accum
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the validated recipe as YAML (loadable again with :func:`load_config`)."""
+    with open(path, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def _deepspeed_auto_values(config: Config, world_size: int) -> dict[str, Any]:
+    """The value of every ``"auto"`` a DeepSpeed JSON may hold, by dotted key."""
+    from pipeline.model.sizes import get_model_size
+
+    t, o = config.train, config.optim
+    hidden = int(get_model_size(config.model.size).llm["hidden_size"])
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(config, world_size),
+        "gradient_clipping": o.grad_clip,
+        "bf16.enabled": t.precision == "bf16",
+        "fp16.enabled": False,
+        "steps_per_print": t.log_every,
+        # Bucket sizes from the LLM width, as transformers' DeepSpeed integration sets them.
+        "zero_optimization.reduce_bucket_size": hidden * hidden,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
+    }
+
+
+# Keys the recipe owns: a literal value in the JSON that disagrees is an error, not a silent override.
+_MUST_MATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "bf16.enabled")
+
+
+def fill_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+    """Read ``train.deepspeed`` and replace every ``"auto"`` with the recipe's value.
+
+    An ``"auto"`` this function does not know, or an ``optimizer`` / ``scheduler`` section (those come
+    from the recipe's ``optim``), is a ConfigError naming the key.
+    """
+    path = resolve_path(config.train.deepspeed)
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config `train.deepspeed`: {path} does not exist; "
+                          f"shipped: {', '.join(sorted(p.name for p in (REPO_ROOT / 'ds_configs').glob('*.json')))}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"DeepSpeed config {path} has a `{section}` section; remove it: the trainer "
+                              "builds AdamW and the LR schedule from the recipe's `optim` section")
+    values = _deepspeed_auto_values(config, world_size)
+
+    def fill(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            dotted = prefix + key
+            if isinstance(value, dict):
+                fill(value, dotted + ".")
+            elif dotted in _MUST_MATCH and value != "auto" and value != values[dotted]:
+                raise ConfigError(f"DeepSpeed config {path} sets `{dotted}` to {value!r} but the recipe gives "
+                                  f"{values[dotted]!r}; write \"auto\" there so the recipe decides")
+            elif value == "auto":
+                if dotted not in values:
+                    raise ConfigError(f"DeepSpeed config {path}: `{dotted}` is \"auto\" but the recipe does not "
+                                      f"define it; give a value (auto is known for: {', '.join(values)})")
+                node[key] = values[dotted]
+
+    fill(ds, "")
+    return ds
+
+
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    """True when the DeepSpeed config keeps optimizer states on the CPU (``zero3_offload.json``).
+
+    DeepSpeed then wants ``deepspeed.ops.adam.DeepSpeedCPUAdam(params, adamw_mode=True, ...)`` as the
+    client optimizer instead of ``torch.optim.AdamW`` (same AdamW update, run on the CPU).
+    """
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)

@@ -1,0 +1,155 @@
+"""The training data loader: the mixture's MDS streams → decoded samples → collated micro batches.
+
+``streaming.StreamingDataset`` does the heavy lifting: one ``Stream(local=folder, proportion=p)`` per
+dataset folder, deterministic shuffling from a seed (the same order on any number of ranks), sharding
+over ranks and workers, and a resumable position. :class:`AKIStreamingDataset` only decodes each stored
+sample (JPEG bytes → ``pixel_values`` with the model's image processor), and
+:class:`AKIDataLoader` (a ``StreamingDataLoader``) collates with :class:`pipeline.data.collate.Collator`
+and counts consumed samples, so ``state_dict()`` / ``load_state_dict()`` resume at the exact sample.
+
+Before anything streams, every dataset folder's manifest is checked against the model: the number of
+visual tokens N and the tokenizer fingerprint must match (:func:`pipeline.data.format.check_manifest`).
+A record that cannot be decoded is not fatal: it is marked, dropped by the collator and counted in the
+batch's ``skipped`` by reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+
+from pipeline.config import Config, DataConfig, resolve_path
+from pipeline.data.collate import SKIP_KEY, Collator
+from pipeline.data.format import check_manifest, read_manifest, split_images
+from pipeline.model.sizes import get_model_size
+from pipeline.recipes import ConfigError, parse_proportion
+from pipeline.tokens import IMAGE
+
+# image_processor(list of JPEG bytes) -> float tensor [n, 3, H, W] (pipeline.model.images.ImageProcessor)
+ImageProcessorFn = Callable[[Sequence[bytes]], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSource:
+    """One dataset folder to stream and its sampling proportion."""
+
+    name: str
+    local: str
+    proportion: float
+
+
+def resolve_sources(data: DataConfig) -> list[StreamSource]:
+    """The streams of ``data``: from the mixture file (data_prep.mixture) or the ``datasets`` list."""
+    if data.mixture is not None:
+        from data_prep.mixture import load_mixture
+
+        path = str(resolve_path(data.mixture))
+        try:
+            entries = load_mixture(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config `data.mixture`: cannot read {path}: {e}") from None
+        sources = [StreamSource(name, local, parse_proportion(p, f"{path}: stream {name!r} proportion"))
+                   for name, local, p in entries]
+    elif data.datasets:
+        sources = [StreamSource(s.name or os.path.basename(os.path.normpath(s.path)), str(resolve_path(s.path)),
+                                s.proportion) for s in data.datasets]
+    else:
+        raise ConfigError("config has no data: set `data.mixture` or `data.datasets`")
+    sources = [s for s in sources if s.proportion > 0]
+    if not sources:
+        raise ConfigError("every data stream has proportion 0; give at least one a positive proportion")
+    return sources
+
+
+def check_sources(sources: Sequence[StreamSource], num_visual_tokens: int, fingerprint: str) -> None:
+    """Refuse dataset folders built for another N or tokenizer (reads each manifest.json)."""
+    for source in sources:
+        check_manifest(read_manifest(source.local), source.local, num_visual_tokens, fingerprint)
+
+
+class AKIStreamingDataset(StreamingDataset):
+    """A StreamingDataset whose samples are decoded for the model.
+
+    Each sample is ``{input_ids int64[L], modality_ids int64[L], pixel_values float[n, 3, S, S],
+    source, id}``, or ``{"skip": reason, source, id}`` when the record cannot be used.
+    """
+
+    def __init__(self, *, image_processor: ImageProcessorFn, image_size: int, num_visual_tokens: int,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.image_processor = image_processor
+        self.image_size = image_size
+        self.num_visual_tokens = num_visual_tokens
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        raw = super().get_item(sample_id, retry)
+        meta = {"source": raw.get("source", ""), "id": raw.get("id", "")}
+        modality_ids = np.asarray(raw["modality_ids"]).astype(np.int64)
+        n_slots = int((modality_ids == IMAGE).sum())
+        lengths = np.asarray(raw["image_lengths"])
+        if n_slots % self.num_visual_tokens or n_slots // self.num_visual_tokens != len(lengths):
+            return {SKIP_KEY: "image_count_mismatch", **meta}
+        try:
+            jpegs = split_images(raw["images"], lengths)
+            pixel_values = (self.image_processor(jpegs) if jpegs
+                            else torch.zeros(0, 3, self.image_size, self.image_size))
+        except ValueError:
+            return {SKIP_KEY: "unreadable_image", **meta}
+        return {"input_ids": np.asarray(raw["input_ids"]).astype(np.int64), "modality_ids": modality_ids,
+                "pixel_values": pixel_values, **meta}
+
+
+class AKIDataLoader(StreamingDataLoader):
+    """StreamingDataLoader that counts *samples* (not packed rows) for its resume state."""
+
+    def _get_batch_size(self, batch: Any) -> int:
+        return int(batch["num_samples"])
+
+
+def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: ImageProcessorFn | None = None,
+                  check: bool = True) -> AKIStreamingDataset:
+    """The recipe's StreamingDataset (checks the manifests first unless ``check`` is False)."""
+    size = get_model_size(config.model.size)
+    sources = resolve_sources(config.data)
+    if check:
+        check_sources(sources, size.num_visual_tokens, tokenizer_fingerprint)
+    if image_processor is None:
+        from pipeline.model.images import ImageProcessor
+
+        image_processor = ImageProcessor(size.image_size)
+    streams = [Stream(local=s.local, proportion=s.proportion) for s in sources]
+    return AKIStreamingDataset(
+        image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
+        streams=streams, batch_size=config.train.micro_batch_size, shuffle=config.data.shuffle,
+        shuffle_seed=config.data.shuffle_seed)
+
+
+def build_collator(config: Config, pad_id: int) -> Collator:
+    """The recipe's collate function."""
+    d = config.data
+    return Collator(d.collate, pad_id, d.max_length, d.pack_tokens, d.pad_to_multiple_of,
+                    get_model_size(config.model.size).image_size)
+
+
+def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProcessorFn | None = None,
+                     check: bool = True) -> AKIDataLoader:
+    """Micro-batch loader of one rank: ``micro_batch_size`` samples per batch, collated by the recipe.
+
+    Rank and world size come from the usual environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) that
+    torchrun / DeepSpeed set. ``tokenizer`` gives the pad id and the fingerprint the data must match.
+    """
+    from pipeline.model.tokenizer import tokenizer_fingerprint
+
+    dataset = build_dataset(config, tokenizer_fingerprint(tokenizer), image_processor, check)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return AKIDataLoader(dataset, batch_size=config.train.micro_batch_size, collate_fn=build_collator(config, pad_id),
+                         num_workers=config.data.num_workers, drop_last=True,
+                         persistent_workers=config.data.num_workers > 0)
+
+
+__all__ = ["AKIDataLoader", "AKIStreamingDataset", "StreamSource", "build_collator", "build_dataloader",
+           "build_dataset", "check_sources", "resolve_sources"]

@@ -1,0 +1,60 @@
+"""mixture.yaml: Table 4 ratios, overrides, and the proportions StreamingDataset actually draws."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import yaml
+from streaming import Stream, StreamingDataset
+
+from data_prep.mixture import (TABLE4_RATIOS, load_mixture, parse_ratio_overrides, read_ratio_yaml,
+                               resolve_ratios, write_mixture)
+from data_prep.sft.build import build_sft_mixture, read_sources_file
+from data_prep.synthetic import generate_world
+from data_prep.writer import EncodeSettings
+
+
+def test_table4_ratios_sum_to_one_and_match_the_paper():
+    assert sum(TABLE4_RATIOS.values()) == pytest.approx(1.0)
+    assert TABLE4_RATIOS["vsr"] == 0.026 and TABLE4_RATIOS["vg"] == 0.047
+    assert {k for k, v in TABLE4_RATIOS.items() if v == 0.103} == {
+        "vqav2", "gqa", "ocrvqa", "aokvqa", "scienceqa", "refcoco", "refcoco+", "refcocog", "llava150k"}
+
+
+def test_overrides_and_only_built_sources_are_listed(tmp_path):
+    (tmp_path / "r.yaml").write_text("vsr: 0.2\n")
+    overrides = {**read_ratio_yaml(str(tmp_path / "r.yaml")), **parse_ratio_overrides(["vqav2=0.6"])}
+    ratios = resolve_ratios(["vqav2", "vsr", "gqa"], overrides)
+    assert ratios == {"vqav2": 0.6, "vsr": 0.2, "gqa": 0.103}
+    path = write_mixture(str(tmp_path), ratios, {"vqav2": 10, "vsr": 3, "gqa": 4})
+    streams = load_mixture(path)
+    assert [(n, p) for n, _, p in streams] == [("vqav2", pytest.approx(0.6 / 0.903, abs=1e-6)),
+                                               ("vsr", pytest.approx(0.2 / 0.903, abs=1e-6)),
+                                               ("gqa", pytest.approx(0.103 / 0.903, abs=1e-6))]
+    assert streams[0][1] == str(tmp_path / "vqav2")
+    assert yaml.safe_load(open(path))["streams"][1] == {"name": "vsr", "local": "vsr",
+                                                        "proportion": pytest.approx(0.221484, abs=1e-6),
+                                                        "ratio": 0.2, "samples": 3}
+
+
+def test_bad_ratios_are_clear():
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        parse_ratio_overrides(["vsr"])
+    with pytest.raises(ValueError, match="not among the built sources"):
+        resolve_ratios(["vqav2"], {"gqa": 0.5})
+    with pytest.raises(ValueError, match="has no Table 4 ratio; give one with --ratio mine=VALUE"):
+        resolve_ratios(["mine"])
+
+
+def test_streams_draw_their_proportions_over_an_epoch(tmp_path, tiny_tokenizer_path):
+    world = generate_world(str(tmp_path / "world"), seed=1, num_pretrain=0, num_sft=8, num_eval=0)
+    sources = read_sources_file(world.sources_yaml)
+    path = build_sft_mixture({k: sources[k] for k in ("vqav2", "llava150k")}, str(tmp_path / "sft"),
+                             EncodeSettings(tiny_tokenizer_path, "tiny", 512),
+                             ratios={"vqav2": 0.7, "llava150k": 0.3})
+    streams = [Stream(local=local, proportion=p) for _, local, p in load_mixture(path)]
+    ds = StreamingDataset(streams=streams, batch_size=1, shuffle=True, shuffle_seed=3)
+    drawn = Counter(sample["source"] for sample in ds)
+    total = sum(drawn.values())
+    assert drawn["vqav2"] / total == pytest.approx(0.7, abs=0.02)
+    assert drawn["llava150k"] / total == pytest.approx(0.3, abs=0.02)
