@@ -36,3 +36,83 @@ def tiny_tokenizer(tiny_tokenizer_path):
     from pipeline.model.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_tokenizer_path)
+
+
+# ---- model fixtures ----------------------------------------------------------------------------------
+
+def random_layout(rng, batch: int, num_visual_tokens: int, max_docs: int = 3, padding: str = "right",
+                  multi_turn: bool = False, max_images: int = 2):
+    """A random packed batch layout: ``(modality_ids, document_ids)``, both long ``[batch, L]``.
+
+    Each document is ``BOS`` + an input part (1-2 text runs and 0-``max_images`` images of N slots, in random
+    order, images possibly adjacent) + an answer; ``multi_turn`` adds 1-2 more (question, answer) turns.
+    Documents are numbered 1, 2, … per row; padding (left or right) has modality PAD and document 0.
+    """
+    import numpy as np
+    import torch
+
+    from pipeline.tokens import IMAGE, PAD, TEXT_INPUT, TEXT_TARGET
+
+    def document():
+        parts = [[TEXT_INPUT] * int(rng.integers(1, 4)) for _ in range(int(rng.integers(1, 3)))]
+        parts += [[IMAGE] * num_visual_tokens for _ in range(int(rng.integers(0, max_images + 1)))]
+        order = rng.permutation(len(parts))
+        mods = [TEXT_INPUT] + [m for i in order for m in parts[i]] + [TEXT_TARGET] * int(rng.integers(1, 5))
+        for _ in range(int(rng.integers(1, 3)) if multi_turn else 0):
+            mods += [TEXT_INPUT] * int(rng.integers(1, 4)) + [TEXT_TARGET] * int(rng.integers(1, 4))
+        return mods
+
+    rows = []
+    for _ in range(batch):
+        mods, docs = [], []
+        for d in range(int(rng.integers(1, max_docs + 1))):
+            doc = document()
+            mods += doc
+            docs += [d + 1] * len(doc)
+        rows.append((mods, docs))
+    width = max(len(m) for m, _ in rows)
+    modality_ids = torch.full((batch, width), PAD, dtype=torch.long)
+    document_ids = torch.zeros((batch, width), dtype=torch.long)
+    for r, (mods, docs) in enumerate(rows):
+        sl = slice(0, len(mods)) if padding == "right" else slice(width - len(mods), width)
+        modality_ids[r, sl] = torch.tensor(mods)
+        document_ids[r, sl] = torch.tensor(docs)
+    assert np.all((modality_ids == PAD).numpy() == (document_ids == 0).numpy())
+    return modality_ids, document_ids
+
+
+@pytest.fixture(scope="session")
+def make_layout():
+    """The :func:`random_layout` generator."""
+    return random_layout
+
+
+@pytest.fixture(scope="session")
+def tiny_size():
+    """The ``tiny`` size with 9 visual tokens (a 3×3 latent grid, so ``cca`` has two rings)."""
+    import dataclasses
+
+    from pipeline.model.sizes import get_model_size
+
+    tiny = get_model_size("tiny")
+    return dataclasses.replace(tiny, resampler={**tiny.resampler, "num_latents": 9})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tiny_size, tiny_tokenizer):
+    """``build(mode="mma", attn_implementation="sdpa")`` → a tiny AKIModel with the tiny tokenizer, in
+    eval mode; every call returns a fresh model with the same random weights."""
+    import torch
+
+    from pipeline.model.aki import AKIModel
+
+    torch.manual_seed(0)
+    weights = AKIModel(tiny_size, tokenizer=tiny_tokenizer).state_dict()
+
+    def build(mode: str = "mma", attn_implementation: str = "sdpa") -> AKIModel:
+        model = AKIModel(tiny_size, tokenizer=tiny_tokenizer, attention_mode=mode,
+                         attn_implementation=attn_implementation)
+        model.load_state_dict(weights)
+        return model.eval()
+
+    return build

@@ -12,6 +12,10 @@ Every mode is a rule over a (query, key) pair of tokens of the same document (DE
                 ``image_start + number_of_rings`` (Xing et al. 2024, Concentric Causal Attention)
 ==============  ==========================================================================================
 
+A pair with k after q (a non-causal edge) is only allowed inside one *turn* — the input between two
+answers of a document — so in a multi-turn conversation no answer reaches an earlier token through a
+later turn's question (that question sees the answer causally).
+
 "k ≤ q" is read on the mode's *position ids*, which restart at 0 in every packed document; for the first
 three modes they are the token's index in its document, for ``cca`` the concentric positions above.
 PAD keys are never visible and tokens of different documents never see each other. Rows of PAD queries
@@ -30,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.tokens import IMAGE, PAD, TEXT_INPUT
+from pipeline.tokens import IMAGE, PAD, TEXT_INPUT, TEXT_TARGET
 
 # rule(modality_q, modality_k, position_q, position_k) -> bool tensor, same-document pairs only.
 Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -161,10 +165,17 @@ def position_ids(modality_ids: torch.Tensor, mode: str, document_ids: torch.Tens
     return base * real
 
 
+def _turns(modality_ids: torch.Tensor) -> torch.Tensor:
+    """Turn index [B, L]: it grows at every input token that directly follows an answer (TEXT_TARGET)."""
+    after_answer = torch.zeros_like(modality_ids, dtype=torch.bool)
+    after_answer[:, 1:] = _is_input(modality_ids[:, 1:]) & (modality_ids[:, :-1] == TEXT_TARGET)
+    return after_answer.long().cumsum(dim=1)
+
+
 def _visible(spec: AttentionMode, mq: torch.Tensor, mk: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
-             dq: torch.Tensor, dk: torch.Tensor) -> torch.Tensor:
-    """The full rule: same document, neither side PAD, and the mode's rule."""
-    return (dq == dk) & (mq != PAD) & (mk != PAD) & spec.rule(mq, mk, pq, pk)
+             dq: torch.Tensor, dk: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor) -> torch.Tensor:
+    """The full rule: same document, neither side PAD, the mode's rule, non-causal pairs within a turn."""
+    return (dq == dk) & (mq != PAD) & (mk != PAD) & spec.rule(mq, mk, pq, pk) & ((pk <= pq) | (tq == tk))
 
 
 def dense_mask(modality_ids: torch.Tensor, mode: str, document_ids: torch.Tensor | None = None,
@@ -174,8 +185,9 @@ def dense_mask(modality_ids: torch.Tensor, mode: str, document_ids: torch.Tensor
     docs = _check(modality_ids, document_ids)
     pos = position_ids(modality_ids, mode, document_ids, num_visual_tokens)
     m = modality_ids.long()
+    turn = _turns(m)
     return _visible(spec, m[:, :, None], m[:, None, :], pos[:, :, None], pos[:, None, :],
-                    docs[:, :, None], docs[:, None, :])
+                    docs[:, :, None], docs[:, None, :], turn[:, :, None], turn[:, None, :])
 
 
 def sdpa_mask(modality_ids: torch.Tensor, mode: str, document_ids: torch.Tensor | None = None,
@@ -200,10 +212,11 @@ def block_mask(modality_ids: torch.Tensor, mode: str, document_ids: torch.Tensor
     docs = _check(modality_ids, document_ids)
     pos = position_ids(modality_ids, mode, document_ids, num_visual_tokens)
     m = modality_ids.long()
+    turn = _turns(m)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return _visible(spec, m[b, q_idx], m[b, kv_idx], pos[b, q_idx], pos[b, kv_idx],
-                        docs[b, q_idx], docs[b, kv_idx])
+                        docs[b, q_idx], docs[b, kv_idx], turn[b, q_idx], turn[b, kv_idx])
 
     batch, length = modality_ids.shape
     return create_block_mask(mask_mod, batch, None, length, length, device=modality_ids.device,

@@ -67,6 +67,10 @@ register(ModelSize(
     llm_weights="microsoft/Phi-3.5-mini-instruct",
 ))
 
+# Random-init sizes take their special token ids from the tokenizer AKIModel is given (Phi3Config's
+# defaults, 32000, lie outside their small vocabularies).
+_NO_SPECIAL_IDS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
 # Unit tests: a few thousand parameters per part, fast on one CPU core.
 register(ModelSize(
     name="tiny",
@@ -75,7 +79,7 @@ register(ModelSize(
     resampler=dict(dim=32, depth=1, heads=2, dim_head=16, ff_mult=2, num_latents=4),
     llm=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0,
-             max_position_embeddings=512, tie_word_embeddings=False),
+             max_position_embeddings=512, tie_word_embeddings=False, **_NO_SPECIAL_IDS),
 ))
 
 # Quickstart: small enough to pretrain + finetune on a CPU in minutes, large enough to learn the
@@ -87,5 +91,5 @@ register(ModelSize(
     resampler=dict(dim=96, depth=2, heads=4, dim_head=24, ff_mult=2, num_latents=16),
     llm=dict(vocab_size=1024, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
              num_attention_heads=6, num_key_value_heads=6, rms_norm_eps=1e-5, rope_theta=10000.0,
-             max_position_embeddings=1024, tie_word_embeddings=False),
+             max_position_embeddings=1024, tie_word_embeddings=False, **_NO_SPECIAL_IDS),
 ))

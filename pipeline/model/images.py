@@ -1,0 +1,53 @@
+"""Image preprocessing for the SigLIP vision tower: JPEG bytes, files or PIL images → ``pixel_values``.
+
+It is transformers' ``SiglipImageProcessor`` (bicubic resize to the size's square input, rescale to
+[0, 1], normalise with mean = std = 0.5), configured from the model size, so training data, evaluation
+and generation all see identical pixels.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence, Union
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import SiglipImageProcessor
+
+ImageLike = Union[Image.Image, bytes, str, os.PathLike]
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Open JPEG/PNG bytes or a file path as an RGB PIL image (PIL images pass through, converted).
+
+    Raises ``ValueError`` naming the input when it is not a readable image.
+    """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    where = f"{len(image)} bytes" if isinstance(image, (bytes, bytearray)) else f"file {os.fspath(image)!r}"
+    try:
+        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else os.fspath(image)
+        with Image.open(source) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read an image from {where}: {err}; give JPEG/PNG data") from err
+
+
+class ImageProcessor:
+    """Turn images into float ``pixel_values`` ``[n, 3, image_size, image_size]`` for the vision tower."""
+
+    def __init__(self, image_size: int):
+        self.image_size = int(image_size)
+        self.processor = SiglipImageProcessor(size={"height": self.image_size, "width": self.image_size},
+                                              do_convert_rgb=True)
+
+    def __call__(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        if isinstance(images, (Image.Image, bytes, bytearray, str, os.PathLike)):
+            images = [images]
+        if not images:
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        pil = [load_image(img) for img in images]
+        return self.processor(pil, return_tensors="pt")["pixel_values"].float()
+
+
+__all__ = ["ImageProcessor", "load_image", "ImageLike"]
