@@ -1,0 +1,99 @@
+"""Export a training checkpoint as an HF-style folder (safetensors + model config + tokenizer).
+
+Export: DeepSpeed's ``zero_to_fp32`` utilities gather the fp32 master weights (trained connector and
+LLM) and the frozen vision tower from the ZeRO-3 shards of one checkpoint; ``AKIModel.save_pretrained``
+writes them as safetensors next to ``aki_config.json`` and the tokenizer, so
+``AKIModel.from_pretrained(folder)`` reads the result back. The recipe of the run is stored beside it
+(``train_recipe.yaml``).
+
+Command line (on demand, for any complete checkpoint)::
+
+    python -m pipeline.export runs/aki4b_pt/checkpoints/step_00002000 exports/aki4b_pt
+
+Loading an export into a ZeRO-3 model (``train.init_from``) is :func:`pipeline.zero3.load_export_weights`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import SKELETON, TRAINER_STATE, is_complete, read_json
+
+RECIPE_NAME = "train_recipe.yaml"
+
+
+def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """fp32 weights of a ZeRO checkpoint (``{output_dir}/checkpoints/step_N``), keyed like the model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(checkpoint_dir)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def export_model(model: torch.nn.Module, checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                 recipe: dict | None = None) -> Path:
+    """Write the export folder of ``checkpoint_dir`` using ``model`` (possibly ZeRO-3 partitioned) as the
+    skeleton for config and tokenizer. Call on one rank."""
+    out = Path(out_dir)
+    model.save_pretrained(out, state_dict=consolidated_state_dict(checkpoint_dir))
+    if recipe is not None:
+        import yaml
+
+        (out / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return out
+
+
+def save_skeleton(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """Write what rebuilds ``model`` without weights (``aki_config.json`` + tokenizer) into ``folder``."""
+    from pipeline.model.loading import CONFIG_NAME, model_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(model_config(model), indent=2, sort_keys=True) + "\n")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(folder))
+
+
+def build_skeleton(folder: str | os.PathLike) -> torch.nn.Module:
+    """An AKIModel on the meta device (no memory) from :func:`save_skeleton`'s folder or an export folder."""
+    from pipeline.model.aki import AKIModel
+    from pipeline.model.loading import read_config
+    from pipeline.model.sizes import ModelSize
+    from pipeline.model.tokenizer import load_tokenizer
+
+    config = read_config(folder)
+    size = ModelSize(name=config["size"], vision=config["vision"], resampler=config["resampler"],
+                     llm=config["llm"])
+    with torch.device("meta"):
+        model = AKIModel(size, attention_mode=config["attention_mode"],
+                         attn_implementation=config["attn_implementation"])
+    if (Path(folder) / "tokenizer_config.json").is_file():
+        model.set_tokenizer(load_tokenizer(folder))
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.export CKPT_DIR OUT_DIR``: export one complete checkpoint."""
+    parser = argparse.ArgumentParser(description="Export a training checkpoint as an AKI export folder.")
+    parser.add_argument("checkpoint", help="a complete checkpoint folder: {output_dir}/checkpoints/step_N")
+    parser.add_argument("out_dir", help="export folder to write (safetensors + aki_config.json + tokenizer)")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    if not is_complete(ckpt):
+        print(f"error: {ckpt} is not a complete checkpoint (missing or invalid COMPLETE marker); pick one of "
+              f"{ckpt.parent}/step_* that has it", file=sys.stderr)
+        return 2
+    model = build_skeleton(ckpt / SKELETON)
+    out = export_model(model, ckpt, args.out_dir, read_json(ckpt / TRAINER_STATE)["config"])
+    print(f"exported {ckpt} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

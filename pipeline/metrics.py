@@ -1,0 +1,197 @@
+"""Per-step training metrics: throughput, MFU, memory, data-wait share; written to JSON lines and wandb.
+
+Every optimizer step produces one record (see :class:`StepMetrics`); rank 0 appends it to
+``{output_dir}/metrics.jsonl`` and logs it to Weights & Biases. wandb runs offline unless the user asks
+for ``online`` (``WANDB_MODE`` in the environment wins over the recipe's ``train.wandb_mode``), so no
+run ever touches the network by default; offline runs are synced later with ``wandb sync``.
+
+MFU (model FLOPs utilisation) = achieved model FLOPs / peak FLOPs of the hardware, with the model FLOPs
+counted analytically (:func:`flops_per_step`, formula written there) — the PaLM convention (Chowdhery
+et al. 2022, appendix B): rematerialisation for activation checkpointing is not counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.tokens import PAD
+
+# Dense peak FLOP/s (no sparsity) per device name substring, bf16 / fp32 tensor-core math.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989e12, "fp32": 494e12},
+    "H100": {"bf16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "A10G": {"bf16": 125e12, "fp32": 62.5e12},
+}
+PEAK_FLOPS_ENV = "AKI_PEAK_TFLOPS"   # override (per device, in TFLOP/s) for hardware not listed above
+
+
+def peak_flops(precision: str) -> float | None:
+    """Peak FLOP/s of one device, from ``AKI_PEAK_TFLOPS`` or :data:`PEAK_FLOPS`; None when unknown (CPU)."""
+    if os.environ.get(PEAK_FLOPS_ENV):
+        return float(os.environ[PEAK_FLOPS_ENV]) * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, table in PEAK_FLOPS.items():
+        if key in name:
+            return table[precision]
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFlops:
+    """Parameter counts and shapes that the FLOP formula needs."""
+
+    llm_params: int          # LLM matmul weights: every parameter except the input embedding table
+    llm_layers: int
+    llm_hidden: int
+    connector_params: int    # trained resampler + projection
+    vision_params: int       # frozen SigLIP tower
+    vision_tokens: int       # patches per image the vision tower and resampler read
+    visual_tokens: int       # N latents per image the LLM sees
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> "ModelFlops":
+        """Count from an AKIModel (ZeRO-3 partitioned parameters report their full size in ``ds_numel``)."""
+        def count(module: torch.nn.Module) -> int:
+            return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+
+        llm_cfg, vis_cfg = model.llm.config, model.vision.config
+        return cls(
+            llm_params=count(model.llm) - count(model.llm.get_input_embeddings()),
+            llm_layers=int(llm_cfg.num_hidden_layers), llm_hidden=int(llm_cfg.hidden_size),
+            connector_params=count(model.resampler) + count(model.projection),
+            vision_params=count(model.vision),
+            vision_tokens=(int(vis_cfg.image_size) // int(vis_cfg.patch_size)) ** 2,
+            visual_tokens=int(model.num_visual_tokens))
+
+
+def attended_pairs(batch: dict[str, Any]) -> int:
+    """Causal estimate of visible (query, key) pairs: n(n+1)/2 per document (for the MFU formula)."""
+    mod, docs = batch["modality_ids"], batch.get("document_ids")
+    if docs is None:
+        n = (mod != PAD).sum(1).double()
+    else:
+        rows = torch.arange(docs.shape[0])[:, None].expand_as(docs)
+        keys = (rows * (docs.max() + 1) + docs)[docs > 0]
+        n = torch.unique(keys, return_counts=True)[1].double()
+    return int((n * (n + 1) / 2).sum())
+
+
+def flops_per_step(f: ModelFlops, tokens: int, images: int, attended_pairs: int) -> float:
+    """Model FLOPs of one training step (forward + backward) over the whole global batch.
+
+    * LLM (trained):   6 · P_llm per token (2 forward + 4 backward per weight) plus attention
+                       12 · layers · hidden per attended (query, key) pair (QK^T and AV, fwd + bwd);
+    * connector:       6 · P_connector per patch token of each image (upper bound: the resampler's
+                       key/value projections read every patch, its latent path reads fewer tokens);
+    * vision (frozen): 2 · P_vision per patch token (forward only, no gradient is computed).
+
+    ``attended_pairs`` sums the visible (query, key) pairs of every row's attention mask; pass
+    ``tokens · row_length / 2`` for a causal estimate.
+    """
+    llm = 6 * f.llm_params * tokens + 12 * f.llm_layers * f.llm_hidden * attended_pairs
+    patches = images * f.vision_tokens
+    return float(llm + 6 * f.connector_params * patches + 2 * f.vision_params * patches)
+
+
+def peak_memory_gb(reset: bool = True) -> float:
+    """Peak accelerator memory allocated since the last call (GiB); on CPU the process's peak RSS."""
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
+
+
+@dataclasses.dataclass
+class StepMetrics:
+    """One optimizer step, as logged (fields of ``metrics.jsonl``)."""
+
+    step: int
+    loss: float              # token-mean cross-entropy over every TEXT_TARGET token of the global batch
+    lr: float
+    grad_norm: float | None  # global gradient norm before clipping (None when the step was skipped)
+    samples_per_s: float
+    tokens_per_s: float      # non-pad tokens (text + image slots) per second, whole job
+    target_tokens: int       # TEXT_TARGET tokens the loss averaged over
+    mfu: float | None        # model FLOPs utilisation, 0..1; None when the peak FLOP/s is unknown
+    peak_mem_gb: float       # peak memory on rank 0 since the previous step
+    data_wait_share: float   # share of the step's wall time rank 0 spent waiting for batches
+    step_time_s: float
+    skipped: bool = False    # non-finite loss: no optimizer update
+    data_digest: str = ""    # hash of the global batch's sample ids, in order (same data ⇔ same digest)
+
+
+class MetricsLogger:
+    """Rank 0's sink for step records: ``metrics.jsonl`` plus wandb (offline by default)."""
+
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool, wandb_project: str, wandb_mode: str,
+                 run_id: str, run_name: str, config: dict[str, Any]):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.wandb_run = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mode = os.environ.get("WANDB_MODE") or wandb_mode
+        if mode != "disabled":
+            import wandb
+
+            wandb_dir = Path(output_dir) / "wandb"
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            self.wandb_run = wandb.init(project=wandb_project, id=run_id, name=run_name, resume="allow",
+                                        mode=mode, dir=str(wandb_dir), config=config)
+
+    def log(self, metrics: StepMetrics) -> None:
+        if not self.enabled:
+            return
+        record = dataclasses.asdict(metrics)
+        self.event(record)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in record.items()
+                                if k not in ("step", "data_digest") and v is not None}, step=metrics.step)
+
+    def event(self, record: dict[str, Any]) -> None:
+        """Append one JSON line (a step record, or an event such as a skipped step or a save)."""
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean["time"] = time.time()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (logged by a run that died before its next checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The step records of ``{output_dir}/metrics.jsonl`` (events left out), in file order."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "event" not in r]

@@ -1,0 +1,394 @@
+"""Train AKI with DeepSpeed ZeRO-3: one recipe, one stage (PT or SFT), resumable at any step.
+
+    torchrun --nproc_per_node 8 -m pipeline.train --config aki4b_pt_kale [--set optim.lr=5e-5 ...]
+             [--resume auto|CKPT_DIR] [--output-dir DIR] [--stop-at-step N]
+
+What it does, top to bottom: read and validate the recipe (a bad one fails here, before any distributed
+work) → join the process group → build the tokenizer and the model under ``deepspeed.zero.Init`` (each
+parameter is partitioned as it is created, so no rank holds the whole model; ``init_from`` loads a
+previous stage's export) → AdamW on the trainable connector + LLM (SigLIP stays frozen) with the recipe's
+``transformers`` LR schedule → DeepSpeed engine → optionally resume → loop → final checkpoint and export.
+
+One optimizer step (:meth:`Trainer.train_step`): fetch the step's micro-batches, all-reduce their
+target-token count once, then forward/backward each with ``loss_sum · world / global_target_tokens`` —
+so the step's gradient is that of the token-mean loss of the whole global batch, whatever the split
+into ranks and accumulation steps. Before the last backward the step's loss is all-reduced; when it is
+not finite the update is skipped (the last backward is made non-finite on purpose, so DeepSpeed's
+own overflow check drops the accumulated gradients and does not step), logged, and the run aborts after
+``train.max_nonfinite_steps`` such steps in a row.
+
+SIGTERM / SIGUSR1 set a flag; all ranks agree on it in the next step's all-reduce, finish that step,
+save a checkpoint and exit 0 (a requeued job continues with ``--resume auto``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import signal
+import sys
+import time
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import (Config, ConfigError, fill_deepspeed_config, load_config, offloads_optimizer,
+                             save_config, validate_launch)
+from pipeline.metrics import (MetricsLogger, ModelFlops, StepMetrics, attended_pairs, flops_per_step, peak_flops,
+                              peak_memory_gb)
+from pipeline.tokens import PAD
+from pipeline.zero3 import register_zero_config
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.train", description="Train AKI (one stage) with DeepSpeed.")
+    p.add_argument("--config", required=True, help="recipe YAML (path, or name of a recipe in pipeline/configs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set optim.lr=2e-5 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="auto|CKPT_DIR",
+                   help="auto: continue from the newest complete checkpoint of the output dir (fresh start if "
+                        "none); or a checkpoint folder")
+    p.add_argument("--output-dir", default=None, help="run folder (overrides train.output_dir)")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="save and exit 0 after this step (the LR schedule still spans train.total_steps)")
+    return p.parse_args(argv)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group (gloo on CPU, NCCL on GPUs); single-process runs get default env values."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29500")):
+        os.environ.setdefault(key, value)
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_run_tokenizer(config: Config):
+    """The tokenizer: ``model.tokenizer``, else the one saved in ``train.init_from``, else the LLM weights'."""
+    from pipeline.model.sizes import get_model_size
+    from pipeline.model.tokenizer import load_tokenizer
+
+    source = config.model.tokenizer or config.train.init_from or config.model.llm_weights \
+        or get_model_size(config.model.size).llm_weights
+    if source is None:
+        raise ConfigError("no tokenizer: set `model.tokenizer` (a tokenizer folder), `train.init_from` or "
+                          "`model.llm_weights`")
+    return load_tokenizer(source)
+
+
+def build_model(config: Config, ds_config: dict[str, Any], tokenizer, load_init_weights: bool):
+    """AKIModel built under ``deepspeed.zero.Init`` (ZeRO-3): parameters are partitioned as they are made.
+
+    Pretrained parts load through ``from_pretrained`` (straight into the shards); random-init parts are
+    initialised module by module; ``train.init_from`` loads a previous stage's export over everything.
+    """
+    from pipeline.model.aki import AKIModel
+    from pipeline.model.loading import read_config
+    from pipeline.model.sizes import ModelSize, get_model_size
+    from pipeline.zero3 import build_partitioned, load_export_weights
+
+    m, init_from = config.model, config.train.init_from
+    size = get_model_size(m.size)
+    vision_weights = llm_weights = None
+    if init_from is not None:
+        stored = read_config(init_from)
+        if stored["size"] != m.size:
+            raise ConfigError(f"`train.init_from` {init_from} holds a {stored['size']!r} model but `model.size` "
+                              f"is {m.size!r}; set model.size={stored['size']}")
+        size = ModelSize(name=stored["size"], vision=stored["vision"], resampler=stored["resampler"],
+                         llm=stored["llm"])
+    else:
+        vision_weights, llm_weights = m.vision_weights or size.vision_weights, m.llm_weights or size.llm_weights
+
+    def random_parts(model: AKIModel) -> list[torch.nn.Module]:
+        if init_from is not None:
+            return []                       # every weight comes from the export (or the resumed checkpoint)
+        return ([] if vision_weights else [model.vision]) + [model.resampler, model.projection] + \
+            ([] if llm_weights else [model.llm])
+
+    torch.manual_seed(config.train.seed)
+    model = build_partitioned(
+        lambda: AKIModel(size, tokenizer, attention_mode=m.attention_mode, attn_implementation=m.attn_implementation,
+                         vision_weights=vision_weights, llm_weights=llm_weights),
+        ds_config, random_parts)
+    if init_from is not None and load_init_weights:
+        load_export_weights(model, init_from)
+    if m.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]):
+    """AdamW over the trainable parameters (no decay on 1-D ones: biases, norms) and the recipe's schedule."""
+    from transformers import get_scheduler
+
+    o = config.optim
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps,
+                              num_training_steps=config.train.total_steps,
+                              scheduler_specific_kwargs=o.scheduler_kwargs())
+    return optimizer, scheduler
+
+
+class Trainer:
+    """Builds everything from a validated recipe; :meth:`fit` runs the stage."""
+
+    def __init__(self, config: Config, resume: str | None = None, stop_at_step: int | None = None):
+        import deepspeed
+        import torch.distributed as dist
+        from pipeline.data.dataset import build_dataloader
+        from pipeline.data.dot import build_dot_schedule
+
+        self.config, self.stop_at_step = config, stop_at_step
+        started = time.perf_counter()
+        phases: dict[str, float] = {}
+
+        def phase(name: str) -> None:
+            phases[name] = round(time.perf_counter() - started - sum(phases.values()), 3)
+
+        self.rank, self.world, self.device = setup_distributed()
+        phase("distributed_s")
+        self.output_dir = Path(config.train.output_dir)
+        self.gas = validate_launch(config, self.world)
+        path = [ckpt.resolve_resume(resume, self.output_dir) if self.rank == 0 else None]
+        dist.broadcast_object_list(path, src=0)
+        self.resume_from = path[0]
+        universal = self.resume_from is not None and ckpt.needs_universal(self.resume_from, self.world)
+        if universal and self.rank == 0:
+            ckpt.ensure_universal(self.resume_from)
+        dist.barrier()
+
+        self.ds_config = fill_deepspeed_config(config, self.world)
+        self.ds_config["checkpoint"] = {"load_universal": universal}
+        self._zero_ref = register_zero_config(self.ds_config)   # keep alive: transformers holds a weakref
+        self.tokenizer = load_run_tokenizer(config)
+        model = build_model(config, self.ds_config, self.tokenizer, load_init_weights=self.resume_from is None)
+        phase("model_s")
+        self.flops = ModelFlops.from_model(model)
+        optimizer, scheduler = build_optimizer(model, config, self.ds_config)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 lr_scheduler=scheduler, config=self.ds_config)
+        phase("engine_s")
+        self.loader = build_dataloader(config, self.tokenizer, image_processor=model.image_processor)
+        self.dot = build_dot_schedule(config.data.orders, config.train.total_steps, self.tokenizer)
+
+        self.step, self.nonfinite_streak, self.skipped_steps = 0, 0, 0
+        self.run_id = uuid.uuid4().hex[:8]
+        if self.resume_from is not None:
+            state, rank_state = ckpt.load(self.engine, self.resume_from)
+            self.step, self.run_id = int(state["step"]), state["wandb_run_id"]
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.loader.load_state_dict(rank_state["data"])
+        self.data_iter = iter(self.loader)
+        phase("data_and_resume_s")
+        self.logger = MetricsLogger(self.output_dir, self.rank == 0, config.train.wandb_project,
+                                    config.train.wandb_mode, self.run_id, config.name, config.to_dict())
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "recipe.yaml")
+            self.logger.truncate_after(self.step)
+            self.logger.event({"event": "startup", "step": self.step, **phases})
+            if self.resume_from is not None:
+                self.logger.event({"event": "resumed", "step": self.step, "checkpoint": str(self.resume_from),
+                                   "universal": universal, "world_size": self.world})
+        self.stop_signal: int | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signum
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+    def next_micro_batches(self) -> list[dict[str, Any]]:
+        batches = []
+        for _ in range(self.gas):
+            try:
+                batches.append(next(self.data_iter))
+            except StopIteration:           # end of an epoch: streaming starts the next one
+                self.data_iter = iter(self.loader)
+                batches.append(next(self.data_iter))
+        return batches
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        from pipeline.data.collate import MODEL_INPUTS
+
+        return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        counts = torch.tensor([sum(b["num_target_tokens"] for b in batches),
+                               sum(int((b["modality_ids"] != PAD).sum()) for b in batches),
+                               sum(int(b["pixel_values"].shape[0]) for b in batches),
+                               sum(attended_pairs(b) for b in batches),
+                               sum(b["num_samples"] for b in batches),
+                               float(self.stop_signal is not None)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts)
+        targets, tokens, images, pairs, samples, stop = counts.tolist()
+        scale = self.world / max(targets, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        lr = self.scheduler.get_last_lr()[0]
+        for i, batch in enumerate(batches):
+            out = self.engine(**self._to_device(self.dot.apply(batch, self.step)), return_logits=False)
+            loss_sum += out.loss_sum.detach().float()
+            loss = out.loss_sum * scale
+            if i == len(batches) - 1:
+                total = loss_sum.clone()
+                dist.all_reduce(total)
+                step_loss = total.item() / max(targets, 1.0)
+                if not math.isfinite(step_loss):
+                    loss = loss * float("nan")   # DeepSpeed's overflow check then skips the update
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+        finite = math.isfinite(step_loss)
+        if finite and not self.engine.was_step_applied():
+            finite = False      # DeepSpeed found a non-finite gradient norm with a finite loss
+        grad_norm = self.engine.get_global_grad_norm() if finite else None
+        return {"loss": step_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "targets": int(targets), "tokens": tokens, "images": images, "pairs": pairs,
+                "samples": samples, "stop": stop > 0, "finite": finite}
+
+    def data_digest(self, batches: list[dict[str, Any]]) -> str:
+        """Hash of the global batch in global micro-batch order (micro index, then rank)."""
+        import torch.distributed as dist
+
+        local = torch.tensor([zlib.crc32(b["input_ids"].numpy().tobytes()) for b in batches], dtype=torch.int64,
+                             device=self.device)
+        gathered = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local)
+        order = torch.stack(gathered).t().flatten().cpu().numpy()
+        return hashlib.sha1(order.tobytes()).hexdigest()[:16]
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> Path | None:
+        """Train to ``train.total_steps`` (or until stopped); returns the export folder when finished."""
+        from tqdm import tqdm
+
+        t = self.config.train
+        peak = peak_flops(t.precision)
+        bar = tqdm(total=t.total_steps, initial=self.step, disable=self.rank != 0, desc=self.config.name,
+                   dynamic_ncols=True)
+        saved_at = self.step if self.resume_from is not None else None
+        while self.step < t.total_steps:
+            start = time.perf_counter()
+            batches = self.next_micro_batches()
+            waited = time.perf_counter() - start
+            digest = self.data_digest(batches)
+            r = self.train_step(batches)
+            self.step += 1
+            elapsed = time.perf_counter() - start
+            self.nonfinite_streak = 0 if r["finite"] else self.nonfinite_streak + 1
+            self.skipped_steps += 0 if r["finite"] else 1
+            flops = flops_per_step(self.flops, int(r["tokens"]), int(r["images"]), int(r["pairs"]))
+            metrics = StepMetrics(
+                step=self.step, loss=r["loss"], lr=r["lr"], grad_norm=r["grad_norm"],
+                samples_per_s=r["samples"] / elapsed, tokens_per_s=r["tokens"] / elapsed,
+                target_tokens=r["targets"], mfu=None if peak is None else flops / (elapsed * peak * self.world),
+                peak_mem_gb=peak_memory_gb(), data_wait_share=waited / elapsed, step_time_s=elapsed,
+                skipped=not r["finite"], data_digest=digest)
+            self.logger.log(metrics)
+            bar.update(1)
+            if self.rank == 0 and (self.step % t.log_every == 0 or not r["finite"]):
+                bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", refresh=False)
+            if not r["finite"]:
+                self.logger.event({"event": "nonfinite_loss", "step": self.step, "loss": r["loss"],
+                                   "streak": self.nonfinite_streak})
+                if self.nonfinite_streak >= t.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"loss was not finite for {self.nonfinite_streak} steps in a row (steps "
+                        f"{self.step - self.nonfinite_streak + 1}..{self.step}; train.max_nonfinite_steps="
+                        f"{t.max_nonfinite_steps}); every such step was skipped. Lower optim.lr or raise "
+                        f"optim.warmup_steps, check the data, and resume from the last checkpoint with --resume")
+            stop = r["stop"] or self.step == self.stop_at_step
+            if stop or self.step % t.save_every == 0 or self.step == t.total_steps:
+                self.save()
+                saved_at = self.step
+            if stop:
+                self.logger.event({"event": "stopped", "step": self.step, "signal": self.stop_signal})
+                bar.close()
+                return None
+        bar.close()
+        if saved_at != self.step:
+            self.save()
+        return self.export()
+
+    def save(self) -> Path:
+        state = {"wandb_run_id": self.run_id, "skipped_steps": self.skipped_steps, "config": self.config.to_dict()}
+        from pipeline.export import save_skeleton
+
+        path = ckpt.save(self.engine, self.output_dir, self.step, state, {"data": self.loader.state_dict()},
+                         self.config.train.keep_last,
+                         write_extra=lambda p: save_skeleton(self.engine.module, p / ckpt.SKELETON))
+        self.logger.event({"event": "checkpoint", "step": self.step, "path": str(path)})
+        return path
+
+    def export(self) -> Path:
+        """Consolidate the newest checkpoint into ``{output_dir}/export`` (rank 0 writes, all wait)."""
+        import torch.distributed as dist
+
+        from pipeline.export import build_skeleton, export_model
+
+        out = self.output_dir / "export"
+        if self.rank == 0:
+            path = ckpt.checkpoints_root(self.output_dir) / ckpt.step_tag(self.step)
+            export_model(build_skeleton(path / ckpt.SKELETON), path, out, self.config.to_dict())
+            self.logger.event({"event": "export", "step": self.step, "path": str(out)})
+        dist.barrier()
+        return out
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def prepare_config(args: argparse.Namespace) -> Config:
+    """The validated recipe of a command line (raises ConfigError before any distributed work)."""
+    config = load_config(args.config, args.set)
+    if args.output_dir is not None:
+        config.train.output_dir = args.output_dir
+    validate_launch(config, int(os.environ.get("WORLD_SIZE", "1")))
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = prepare_config(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    trainer = Trainer(config, resume=args.resume, stop_at_step=args.stop_at_step)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The DeepSpeed ZeRO-3 trainer, end to end on CPU: 2 ranks under torchrun (gloo), fp32, tiny model.
+
+Runs are shared between tests (each costs a process launch):
+
+* A  — PT, 6 steps straight, 2 ranks (probe: engine logits at the end) — the reference;
+* B  — the same recipe, SIGTERM mid-run → checkpoint + exit 0;  C — ``--resume auto`` in B's folder
+  (a damaged newer checkpoint is planted first), must reproduce A step for step;
+* F  — 1 rank resuming A's 2-rank checkpoint (universal conversion) for one step;  G — 2 ranks again
+  from F's checkpoint; both must give A's losses;
+* H  — SFT from A's export, with a non-finite loss injected on one step.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.metrics import read_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_utils import REPO, probe_batch, show, torchrun, write_dataset  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PT = ["--config", "tiny_pt", "--set", "train.total_steps=6", "--set", "train.save_every=2",
+      "--set", "train.keep_last=2", "--set", "train.log_every=1"]
+METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb",
+                 "data_wait_share", "target_tokens", "data_digest", "skipped"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_tokenizer_path):
+    from pipeline.model.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("train")
+    tok = load_tokenizer(tiny_tokenizer_path)
+    data = {"pt": write_dataset(root / "pt", tok, "pt", 64), "sft": write_dataset(root / "sft", tok, "sft", 32)}
+    common = ["--set", f"model.tokenizer={tiny_tokenizer_path}"]
+    return {"root": root, "tok": tok, "pt": common + ["--set", f"data.datasets=[{{path: {data['pt']}}}]"],
+            "sft": ["--set", f"data.datasets=[{{path: {data['sft']}}}]"]}
+
+
+def train(world, name: str, args: list[str], nproc: int = 2, probe: bool = False, env=None):
+    out = world["root"] / name
+    full = args + ["--output-dir", str(out)]
+    if probe:
+        proc = torchrun(["tests/dist_utils.py", "probe", str(out / "probe"), "--"] + full, nproc, env, module=False)
+    else:
+        proc = torchrun(["pipeline.train"] + full, nproc, env)
+    return out, proc
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out)}
+
+
+def digests(out: Path) -> dict[int, str]:
+    return {r["step"]: r["data_digest"] for r in read_metrics(out)}
+
+
+@pytest.fixture(scope="module")
+def run_a(world):
+    out, proc = train(world, "A", PT + world["pt"], probe=True, env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, show(proc)
+    return out
+
+
+def test_pt_run_learns_logs_every_metric_and_keeps_the_last_checkpoints(run_a):
+    records = read_metrics(run_a)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(METRIC_FIELDS <= set(r) for r in records)
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and 0 <= r["data_wait_share"] <= 1
+               and r["peak_mem_gb"] > 0 and r["grad_norm"] > 0 and not r["skipped"] for r in records)
+    loss = losses(run_a)
+    assert loss[6] < loss[1] - 0.3, loss
+    lrs = [r["lr"] for r in records]
+    assert lrs[2] == pytest.approx(1e-3) and lrs[-1] < lrs[3]   # warmup 2 steps, then cosine decay
+    assert [s for s, _ in ckpt.list_checkpoints(run_a)] == [4, 6]
+    assert all(ckpt.is_complete(p) for _, p in ckpt.list_checkpoints(run_a))
+    run_id = ckpt.read_json(ckpt.latest_complete(run_a) / ckpt.TRAINER_STATE)["wandb_run_id"]
+    assert list((run_a / "wandb").glob(f"wandb/offline-run-*-{run_id}")), "no offline wandb run with the run id"
+
+
+def test_export_reloads_with_the_trained_engines_logits(run_a, world):
+    from pipeline.model.aki import AKIModel
+
+    model = AKIModel.from_pretrained(run_a / "export")
+    with torch.no_grad():
+        logits = model(**probe_batch(world["tok"]), return_logits=True).logits
+    engine_logits = torch.load(run_a / "probe" / "logits_end.pt", weights_only=True)
+    torch.testing.assert_close(logits, engine_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(engine_logits, torch.load(run_a / "probe" / "logits_start.pt", weights_only=True))
+
+
+def _sigterm_when_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 180) -> None:
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            reached = any(r["step"] >= step for r in read_metrics(out))
+        except ValueError:          # a line being written
+            reached = False
+        if reached:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.send_signal(signal.SIGTERM)
+            return
+        time.sleep(0.2)
+    raise AssertionError("the run never reached the step to interrupt")
+
+
+def test_sigterm_checkpoints_and_resume_auto_reproduces_the_straight_run(run_a, world):
+    import os
+
+    from dist_utils import free_port
+
+    out = world["root"] / "B"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "pipeline.train"] + PT + world["pt"] + ["--output-dir", str(out)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _sigterm_when_step(proc, out, 2)
+    log, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, log[-8000:]
+    stopped = max(losses(out))
+    assert stopped < 6 and ckpt.latest_complete(out).name == ckpt.step_tag(stopped), log[-4000:]
+
+    # a newer checkpoint damaged mid-write (no COMPLETE marker, a truncated shard) must be passed over
+    damaged = ckpt.checkpoints_root(out) / ckpt.step_tag(stopped + 1)
+    shutil.copytree(ckpt.latest_complete(out), damaged)
+    (damaged / ckpt.COMPLETE).unlink()
+    shard = next(damaged.glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+
+    _, proc = train(world, "B", PT + world["pt"] + ["--resume", "auto"], env={"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, show(proc)
+    assert min(s for s in losses(out) if s > stopped) == stopped + 1
+    assert losses(out) == pytest.approx(losses(run_a), rel=1e-6, abs=1e-6)
+    assert digests(out) == digests(run_a)
+
+
+def test_resume_on_one_rank_and_back_on_two_gives_the_same_losses(run_a, world):
+    a = losses(run_a)
+    from_a = ckpt.checkpoints_root(run_a) / ckpt.step_tag(4)
+    out_f, proc = train(world, "F", PT + world["pt"] + ["--resume", str(from_a), "--stop-at-step", "5"], nproc=1,
+                        env={"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, show(proc)
+    assert ckpt.is_complete(from_a / ckpt.UNIVERSAL)
+    assert losses(out_f) == {5: pytest.approx(a[5], rel=1e-5)}
+    _, proc = train(world, "F", PT + world["pt"] + ["--resume", "auto"], nproc=2, env={"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, show(proc)
+    assert losses(out_f) == {5: pytest.approx(a[5], rel=1e-5), 6: pytest.approx(a[6], rel=1e-5)}
+
+
+def test_sft_starts_from_the_pt_export_and_skips_a_nonfinite_step(run_a, world):
+    from pipeline.model.aki import AKIModel
+
+    args = ["--config", "tiny_sft", "--set", f"train.init_from={run_a / 'export'}", "--set", "train.total_steps=5",
+            "--set", "train.max_nonfinite_steps=2"] + world["sft"]
+    out, proc = train(world, "H", args, probe=True, env={"WANDB_MODE": "disabled", "AKI_TEST_NAN_STEPS": "2"})
+    assert proc.returncode == 0, show(proc)
+    exported = AKIModel.from_pretrained(run_a / "export")
+    with torch.no_grad():
+        expected = exported(**probe_batch(world["tok"]), return_logits=True).logits
+    start = torch.load(out / "probe" / "logits_start.pt", weights_only=True)
+    torch.testing.assert_close(start, expected, rtol=1e-5, atol=1e-5)
+    records = {r["step"]: r for r in read_metrics(out)}
+    assert records[2]["skipped"] and records[2]["loss"] is None and records[2]["grad_norm"] is None
+    assert records[3]["lr"] == records[2]["lr"]          # the skipped step did not advance the schedule
+    assert not any(records[s]["skipped"] for s in (1, 3, 4, 5))
+    assert records[5]["loss"] < records[1]["loss"]
+    events = [r for r in map(__import__("json").loads, (out / "metrics.jsonl").read_text().splitlines())
+              if r.get("event") == "nonfinite_loss"]
+    assert [e["step"] for e in events] == [2]
+
+
+def test_consecutive_nonfinite_losses_abort_with_a_clear_message(world):
+    args = PT + world["pt"] + ["--set", "train.max_nonfinite_steps=2"]
+    out, proc = train(world, "N", args, nproc=1, probe=True, env={"WANDB_MODE": "disabled",
+                                                                  "AKI_TEST_NAN_STEPS": "1,2,3,4,5,6"})
+    assert proc.returncode != 0
+    assert "loss was not finite for 2 steps in a row" in proc.stdout + proc.stderr, show(proc)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_bad_config_fails_before_any_distributed_work(world, tmp_path):
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", "tiny_pt", "--set", "optim.lrr=1",
+                           "--output-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=120)
+    assert proc.returncode == 2, show(proc)
+    assert "optim.lrr" in proc.stderr and "optim.lr" in proc.stderr
+    assert "init_distributed" not in proc.stdout + proc.stderr and not (tmp_path / "run").exists()
