@@ -1,0 +1,124 @@
+"""CV-Bench evaluation: ``python -m pipeline.eval.cv_bench --model EXPORT --data CV-Bench/ --out DIR``.
+
+Reads the released ``test_2d.jsonl`` / ``test_3d.jsonl`` + ``img/`` (see :mod:`pipeline.eval.readers`),
+asks each question with AKI's prompt — the chat template around the SFT multiple-choice input::
+
+    Answer with the option's letter from the given choices directly. {question}
+    Options:
+    A. c1
+    B. c2
+    …
+
+— generates greedily in batches (sharded over ``torchrun`` ranks), extracts the option letter
+(:mod:`pipeline.eval.answers`) and scores as the benchmark defines it (:mod:`pipeline.eval.metrics`).
+Writes ``predictions.jsonl`` (one line per question) and ``scores.json`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Mapping, Sequence
+
+from data_prep.sft.common import SftOptions, lettered_options, task_input
+from pipeline.chat import Segment, chat_segments
+from pipeline.eval.answers import LETTERS, extract_choice
+from pipeline.eval.metrics import cv_bench_scores
+from pipeline.eval.readers import CVBenchItem, read_cv_bench
+from pipeline.eval.runner import DistContext, Request, generate_all, init_distributed
+
+PREDICTIONS_FILE = "predictions.jsonl"
+SCORES_FILE = "scores.json"
+
+
+def question_input(item: CVBenchItem) -> str:
+    """The user input: SFT's multiple-choice input with the options lettered in their stored order."""
+    options, _ = lettered_options(item.choices, LETTERS.index(item.answer), SftOptions(), item.key)
+    return task_input("multiple_choice", question=item.question, options=options)
+
+
+def prompt_segments(item: CVBenchItem) -> list[Segment]:
+    """Chat template with one image and an open assistant turn."""
+    return chat_segments([(question_input(item), None)], num_images=1)
+
+
+def score_outputs(items: Sequence[CVBenchItem], outputs: Mapping[str, str]) -> tuple[list[dict], dict]:
+    """Per-question prediction records and the benchmark scores."""
+    records = []
+    for item in items:
+        raw = outputs[item.key]
+        letter = extract_choice(raw, item.choices)
+        records.append({"idx": item.idx, "type": item.type, "source": item.source, "task": item.task,
+                        "prompt": question_input(item), "output": raw, "letter": letter,
+                        "answer": item.answer, "correct": letter == item.answer})
+    return records, cv_bench_scores(records)
+
+
+def format_scores(scores: Mapping, title: str = "CV-Bench") -> str:
+    """A small text table of the scores."""
+    def pct(v):
+        return "  n/a" if v is None else f"{100 * v:5.1f}"
+    lines = [f"{title}: {scores['n']} questions ({scores['unanswered']} without a recognisable option)"]
+    for src, acc in scores["per_source"].items():
+        lines.append(f"  {src:<10} {pct(acc)}  (n={scores['counts'][src]})")
+    for task, acc in scores["per_task"].items():
+        lines.append(f"  task {task:<9} {pct(acc)}")
+    lines.append(f"  2D {pct(scores['2D'])}   3D {pct(scores['3D'])}   overall {pct(scores['overall'])}")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str, records: Sequence[dict], scores: Mapping) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, PREDICTIONS_FILE), "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    with open(os.path.join(out_dir, SCORES_FILE), "w") as f:
+        json.dump(scores, f, indent=2)
+
+
+def evaluate(model, tokenizer, items: Sequence[CVBenchItem], ctx: DistContext = DistContext(),
+             batch_size: int = 8, max_new_tokens: int = 8) -> tuple[list[dict], dict] | None:
+    """Generate and score; returns (records, scores) on rank 0, None elsewhere."""
+    requests = [Request(i.key, prompt_segments(i), [i.load_image()]) for i in items]
+    outputs = generate_all(model, tokenizer, requests, ctx, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, desc="CV-Bench")
+    return score_outputs(items, outputs) if ctx.is_main else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.eval.cv_bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported model folder (AKIModel.save_pretrained)")
+    p.add_argument("--data", required=True,
+                   help="CV-Bench folder (test_2d.jsonl, test_3d.jsonl, img/) or one .jsonl/.parquet file")
+    p.add_argument("--out", required=True, help="output folder for predictions.jsonl and scores.json")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.eval.runner import load_model
+
+    ctx = init_distributed(args.device)
+    items, report = read_cv_bench(args.data)
+    if ctx.is_main:
+        print(report.summary(f"CV-Bench {args.data}"), file=sys.stderr)
+    items = items[:args.limit] if args.limit else items
+    model, tokenizer = load_model(args.model, ctx.device)
+    result = evaluate(model, tokenizer, items, ctx, args.batch_size, args.max_new_tokens)
+    if result is not None:
+        records, scores = result
+        scores["skipped"] = dict(report.skipped)
+        write_results(args.out, records, scores)
+        print(format_scores(scores))
+        print(f"wrote {os.path.join(args.out, PREDICTIONS_FILE)} and {SCORES_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""CV-Bench prompt and scoring from model outputs (no model needed), POPE scoring per split."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.chat import SYSTEM_MESSAGE
+from pipeline.eval import cv_bench, pope
+from pipeline.eval.readers import read_cv_bench, read_pope
+from pipeline.tokens import IMAGE, TEXT_INPUT
+from test_eval_readers import write_cv_bench, write_pope
+
+
+@pytest.fixture
+def cv_items(tmp_path):
+    return read_cv_bench(write_cv_bench(str(tmp_path / "cvb")))[0]
+
+
+def test_prompt_is_the_papers_multiple_choice_input(cv_items):
+    item = cv_items[0]
+    assert cv_bench.question_input(item) == (
+        "Answer with the option's letter from the given choices directly. How many chairs are in the image?\n"
+        "Options:\nA. 3\nB. 2\nC. 1\nD. 0\n")
+    segs = cv_bench.prompt_segments(item)
+    assert [s.modality for s in segs] == [TEXT_INPUT, TEXT_INPUT, IMAGE, TEXT_INPUT]
+    assert segs[0].text == f"<|system|>\n{SYSTEM_MESSAGE}<|end|>\n"
+    assert segs[3].text.endswith("Options:\nA. 3\nB. 2\nC. 1\nD. 0\n<|end|>\n<|assistant|>\n")
+
+
+def test_scores_from_awkward_outputs_by_hand(cv_items):
+    # answers: ADE20K B; COCO A, F; Omni3D B, A
+    outputs = {"2D/0": "(B)", "2D/1": "left", "2D/2": "The answer is E",
+               "3D/0": "A lamp and a sofa", "3D/1": "chair."}
+    records, scores = cv_bench.score_outputs(cv_items, outputs)
+    assert [r["letter"] for r in records] == ["B", "A", "E", None, "A"]
+    assert [r["correct"] for r in records] == [True, True, False, False, True]
+    assert scores["per_source"] == {"ADE20K": 1.0, "COCO": 0.5, "Omni3D": 0.5}
+    assert scores["2D"] == pytest.approx(0.75) and scores["3D"] == pytest.approx(0.5)
+    assert scores["overall"] == pytest.approx(0.625)
+    assert scores["unanswered"] == 1
+    assert set(records[0]) >= {"idx", "source", "task", "prompt", "output", "letter", "correct"}
+    assert "overall  62.5" in cv_bench.format_scores(scores)
+
+
+def test_pope_scoring_per_split(tmp_path):
+    folder = write_pope(str(tmp_path / "pope"), str(tmp_path / "img"))
+    items, _ = read_pope(folder, str(tmp_path / "img"), splits=("random", "adversarial"))
+    # labels per split: yes no yes no
+    outs = ["Yes", "No", "No.", "no",                    # random: TP FN... -> acc 3/4
+            "yes", "Yes, there is.", "There is a car", "Nope"]   # adversarial: TP FP (unanswered) TN
+    outputs = {i.key: o for i, o in zip(items, outs)}
+    records, scores = pope.score_outputs(items, outputs)
+    assert set(scores) == {"random", "adversarial"}
+    r, a = scores["random"], scores["adversarial"]
+    assert (r["accuracy"], r["precision"], r["recall"], r["yes_ratio"]) == (0.75, 1.0, 0.5, 0.25)
+    assert r["f1"] == pytest.approx(2 / 3)
+    assert (a["accuracy"], a["precision"], a["recall"], a["unanswered"]) == (0.5, 0.5, 0.5, 1)
+    assert pope.prompt_segments(items[0])[3].text.startswith(
+        "\nAnswer the question using a single word or phrase. Is there a snowboard in the image?")
