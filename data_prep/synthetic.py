@@ -115,7 +115,7 @@ def write_sft(root: str, scenes: list[Scene], rng: random.Random, side: int) -> 
                 "multiple_choice_answer": q.answer,
                 "answers": [{"answer": q.answer, "answer_confidence": "yes", "answer_id": k} for k in range(1, 11)]})
             if q.task != "shape":
-                choices, idx = mc_choices(q, rng)
+                choices, idx = mc_choices(q)
                 aok.append({"split": "train", "image_id": scene.id, "question_id": f"syn{qid}",
                             "question": q.mc_question, "choices": choices, "correct_choice_idx": idx,
                             "direct_answers": [choices[idx]] * 10, "difficult_direct_answer": False,
@@ -173,7 +173,7 @@ def write_cv_bench(folder: str, scenes: list[Scene], rng: random.Random, side: i
             if q.task not in CV_BENCH_TASKS:
                 continue
             kind, task = CV_BENCH_TASKS[q.task]
-            choices, idx = mc_choices(q, rng)
+            choices, idx = mc_choices(q)
             letter = "ABCD"[idx]
             filename = f"img/{kind}/{task.lower()}/synthetic_{scene.id}.jpg"
             path = os.path.join(folder, filename)
@@ -240,7 +240,7 @@ def world_texts(seed: int = 0, num_scenes: int = 200) -> list[str]:
         texts.append(caption(scene))
         texts.extend(c["text"] for c in ocr_captions(scene)[:2]) if scene.word else None
         for q in questions(scene, rng):
-            choices, idx = mc_choices(q, rng)
+            choices, idx = mc_choices(q)
             options, _ = lettered_options(choices, idx, SftOptions(), str(i))
             texts += [task_input("short_answer", question=q.question), q.answer,
                       task_input("multiple_choice", question=q.mc_question, options=options)]

@@ -105,7 +105,8 @@ class Question:
     question: str              # short-answer wording
     answer: str
     mc_question: str           # multiple-choice wording (CV-Bench style)
-    choices: tuple[str, ...]   # the correct one among them
+    choices: tuple[str, ...]   # in a fixed order per kind (numbers ascending, "left" before "right", ...)
+    correct: str               # the right one of ``choices``
 
 
 def questions(scene: Scene, rng: random.Random) -> list[Question]:
@@ -113,32 +114,36 @@ def questions(scene: Scene, rng: random.Random) -> list[Question]:
     shapes = scene.shapes
     n = len(shapes)
     out = [Question("count", "How many shapes are there?", str(n), "How many shapes are in the image?",
-                    tuple(str(i) for i in range(1, 5)))]
+                    tuple(str(i) for i in range(1, 5)), str(n))]
     for s in shapes:
         others = [c for c in COLORS if c != s.color]
         ask = "the shape" if n == 1 else f"the {s.kind}" if sum(o.kind == s.kind for o in shapes) == 1 else None
         if ask:
+            shown = {s.color, *rng.sample(others, 2)}
             out.append(Question("color", f"What color is {ask}?", s.color, f"What color is {ask}?",
-                                (s.color, *rng.sample(others, 2))))
+                                tuple(c for c in COLORS if c in shown), s.color))
         out.append(Question("shape", f"What shape is the {s.color} object?", s.kind,
-                            f"What shape is the {s.color} object?", SHAPES))
+                            f"What shape is the {s.color} object?", SHAPES, s.kind))
     if n >= 2:
         a, b = rng.sample(shapes, 2)
         if abs(a.x - b.x) > 0.2:
             left = a.x < b.x
             out.append(Question("relation", f"Is the {a.name} left of the {b.name}?", "yes" if left else "no",
                                 f"Is the {a.name} to the left or to the right of the {b.name}?",
-                                ("left", "right") if left else ("right", "left")))
-        closer, farther = (a, b) if a.size > b.size else (b, a)
+                                ("left", "right"), "left" if left else "right"))
+        closer = a if a.size > b.size else b
         out.append(Question("depth", f"Which shape is closer to the camera, the {a.name} or the {b.name}?",
                             closer.name, f"Which shape is closer to the camera, the {a.name} or the {b.name}?",
-                            (closer.name, farther.name)))
+                            (a.name, b.name), closer.name))
     return out
 
 
-def mc_choices(q: Question, rng: random.Random) -> tuple[list[str], int]:
-    """The choices in a random order and the index of the correct one (the first of ``q.choices``)."""
-    correct = q.answer if q.task in ("count", "shape") else q.choices[0]
-    choices = list(q.choices)
-    rng.shuffle(choices)
-    return choices, choices.index(correct)
+def mc_choices(q: Question) -> tuple[list[str], int]:
+    """The choices and the index of the correct one.
+
+    Choices keep a fixed order per question kind (as benchmark authors usually list them: numbers
+    ascending, "left" before "right", the two shapes in the order the question names them), so an option
+    letter means the same answer across questions of one kind, while the correct letter still varies
+    with the image.
+    """
+    return list(q.choices), q.choices.index(q.correct)

@@ -16,8 +16,6 @@ Writes ``predictions.jsonl`` (one line per question) and ``scores.json`` into ``
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import Mapping, Sequence
 
@@ -26,10 +24,7 @@ from pipeline.chat import Segment, chat_segments
 from pipeline.eval.answers import LETTERS, extract_choice
 from pipeline.eval.metrics import cv_bench_scores
 from pipeline.eval.readers import CVBenchItem, read_cv_bench
-from pipeline.eval.runner import DistContext, Request, generate_all, init_distributed
-
-PREDICTIONS_FILE = "predictions.jsonl"
-SCORES_FILE = "scores.json"
+from pipeline.eval.runner import Benchmark, add_run_args, run_cli
 
 
 def question_input(item: CVBenchItem) -> str:
@@ -68,56 +63,20 @@ def format_scores(scores: Mapping, title: str = "CV-Bench") -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str, records: Sequence[dict], scores: Mapping) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, PREDICTIONS_FILE), "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    with open(os.path.join(out_dir, SCORES_FILE), "w") as f:
-        json.dump(scores, f, indent=2)
-
-
-def evaluate(model, tokenizer, items: Sequence[CVBenchItem], ctx: DistContext = DistContext(),
-             batch_size: int = 8, max_new_tokens: int = 8) -> tuple[list[dict], dict] | None:
-    """Generate and score; returns (records, scores) on rank 0, None elsewhere."""
-    requests = [Request(i.key, prompt_segments(i), [i.load_image()]) for i in items]
-    outputs = generate_all(model, tokenizer, requests, ctx, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, desc="CV-Bench")
-    return score_outputs(items, outputs) if ctx.is_main else None
+BENCHMARK = Benchmark("CV-Bench", prompt_segments, score_outputs, format_scores)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.eval.cv_bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="exported model folder (AKIModel.save_pretrained)")
     p.add_argument("--data", required=True,
                    help="CV-Bench folder (test_2d.jsonl, test_3d.jsonl, img/) or one .jsonl/.parquet file")
-    p.add_argument("--out", required=True, help="output folder for predictions.jsonl and scores.json")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
-    return p
+    return add_run_args(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.eval.runner import load_model
-
-    ctx = init_distributed(args.device)
-    items, report = read_cv_bench(args.data)
-    if ctx.is_main:
-        print(report.summary(f"CV-Bench {args.data}"), file=sys.stderr)
-    items = items[:args.limit] if args.limit else items
-    model, tokenizer = load_model(args.model, ctx.device)
-    result = evaluate(model, tokenizer, items, ctx, args.batch_size, args.max_new_tokens)
-    if result is not None:
-        records, scores = result
-        scores["skipped"] = dict(report.skipped)
-        write_results(args.out, records, scores)
-        print(format_scores(scores))
-        print(f"wrote {os.path.join(args.out, PREDICTIONS_FILE)} and {SCORES_FILE}")
-    return 0
+    return run_cli(BENCHMARK, args, lambda: read_cv_bench(args.data))
 
 
 if __name__ == "__main__":

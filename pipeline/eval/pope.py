@@ -9,8 +9,6 @@ recall, F1 and yes-ratio per split (:func:`pipeline.eval.metrics.binary_scores`)
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import Mapping, Sequence
 
@@ -19,10 +17,7 @@ from pipeline.chat import Segment, chat_segments
 from pipeline.eval.answers import extract_yes_no
 from pipeline.eval.metrics import binary_scores
 from pipeline.eval.readers import POPE_SPLITS, PopeItem, read_pope
-from pipeline.eval.runner import DistContext, Request, generate_all, init_distributed
-
-PREDICTIONS_FILE = "predictions.jsonl"
-SCORES_FILE = "scores.json"
+from pipeline.eval.runner import Benchmark, add_run_args, run_cli
 
 
 def prompt_segments(item: PopeItem) -> list[Segment]:
@@ -54,49 +49,20 @@ def format_scores(scores: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(model, tokenizer, items: Sequence[PopeItem], ctx: DistContext = DistContext(),
-             batch_size: int = 8, max_new_tokens: int = 8) -> tuple[list[dict], dict] | None:
-    """Generate and score; returns (records, scores) on rank 0, None elsewhere."""
-    requests = [Request(i.key, prompt_segments(i), [i.load_image()]) for i in items]
-    outputs = generate_all(model, tokenizer, requests, ctx, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, desc="POPE")
-    return score_outputs(items, outputs) if ctx.is_main else None
+BENCHMARK = Benchmark("POPE", prompt_segments, score_outputs, format_scores)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.eval.pope", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="exported model folder (AKIModel.save_pretrained)")
     p.add_argument("--data", required=True, help="folder holding coco_pope_{random,popular,adversarial}.json")
     p.add_argument("--images", default=None, help="COCO val2014 image folder (default: --data)")
     p.add_argument("--splits", nargs="+", default=list(POPE_SPLITS), choices=POPE_SPLITS)
-    p.add_argument("--out", required=True, help="output folder for predictions.jsonl and scores.json")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
-    return p
+    return add_run_args(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.eval.runner import load_model
-
-    ctx = init_distributed(args.device)
-    items, report = read_pope(args.data, args.images, tuple(args.splits))
-    if ctx.is_main:
-        print(report.summary(f"POPE {args.data}"), file=sys.stderr)
-    items = items[:args.limit] if args.limit else items
-    model, tokenizer = load_model(args.model, ctx.device)
-    result = evaluate(model, tokenizer, items, ctx, args.batch_size, args.max_new_tokens)
-    if result is not None:
-        records, scores = result
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, PREDICTIONS_FILE), "w") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with open(os.path.join(args.out, SCORES_FILE), "w") as f:
-            json.dump({**scores, "skipped": dict(report.skipped)}, f, indent=2)
-        print(format_scores(scores))
-    return 0
+    return run_cli(BENCHMARK, args, lambda: read_pope(args.data, args.images, tuple(args.splits)))
 
 
 if __name__ == "__main__":

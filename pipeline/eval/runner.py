@@ -1,16 +1,21 @@
-"""Batched, sharded answer generation shared by the benchmark CLIs.
+"""What every benchmark CLI shares: batched, sharded generation and the command-line flow.
 
-Each benchmark turns its questions into :class:`Request` objects (a key, the chat segments of the
-prompt, the image). :func:`generate_all` runs them through :mod:`pipeline.generate` in batches
-(greedy, KV cache, left padding). Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r takes every
-world_size-th request starting at r and the outputs are gathered on rank 0 (gloo on CPU, NCCL on GPU);
-the other ranks get an empty dict back.
+A benchmark is a :class:`Benchmark`: how to prompt one item, how to score the outputs, how to print the
+scores. Its items become :class:`Request` objects (a key, the chat segments of the prompt, the image);
+:func:`generate_all` runs them through :mod:`pipeline.generate` in batches (greedy, KV cache, left
+padding). Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r takes every world_size-th request starting at r
+and the outputs are gathered on rank 0 (gloo on CPU, NCCL on GPU); the other ranks get an empty dict
+back. :func:`run_cli` is the whole command: read → generate → score → ``predictions.jsonl`` +
+``scores.json``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
-from typing import Sequence
+import sys
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -111,4 +116,65 @@ def generate_all(model, tokenizer, requests: Sequence[Request], ctx: DistContext
     return gather(out, ctx)
 
 
-__all__ = ["DistContext", "Request", "gather", "generate_all", "init_distributed", "load_model", "shard"]
+PREDICTIONS_FILE = "predictions.jsonl"
+SCORES_FILE = "scores.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """One benchmark's parts; its items have a ``key`` and ``load_image()``."""
+
+    name: str
+    prompt_segments: Callable[[Any], list[Segment]]
+    score_outputs: Callable[[Sequence[Any], Mapping[str, str]], tuple[list[dict], dict]]
+    format_scores: Callable[[Mapping], str]
+
+
+def evaluate(benchmark: Benchmark, model, tokenizer, items: Sequence[Any], ctx: DistContext = DistContext(),
+             batch_size: int = 8, max_new_tokens: int = 8) -> tuple[list[dict], dict] | None:
+    """Generate and score; returns (records, scores) on rank 0, None elsewhere."""
+    requests = [Request(i.key, benchmark.prompt_segments(i), [i.load_image()]) for i in items]
+    outputs = generate_all(model, tokenizer, requests, ctx, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, desc=benchmark.name)
+    return benchmark.score_outputs(items, outputs) if ctx.is_main else None
+
+
+def write_results(out_dir: str, records: Sequence[dict], scores: Mapping) -> None:
+    """``predictions.jsonl`` (one line per item) and ``scores.json`` in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, PREDICTIONS_FILE), "w") as f:
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+    with open(os.path.join(out_dir, SCORES_FILE), "w") as f:
+        json.dump(scores, f, indent=2)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every benchmark CLI takes besides its data."""
+    p.add_argument("--model", required=True, help="exported model folder (AKIModel.save_pretrained)")
+    p.add_argument("--out", required=True, help="output folder for predictions.jsonl and scores.json")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    return p
+
+
+def run_cli(benchmark: Benchmark, args: argparse.Namespace, read: Callable[[], tuple[Sequence[Any], Any]]) -> int:
+    """The benchmark command: ``read()`` gives (items, report with ``skipped`` and ``summary()``)."""
+    ctx = init_distributed(args.device)
+    items, report = read()
+    if ctx.is_main:
+        print(report.summary(f"{benchmark.name} {args.data}"), file=sys.stderr)
+    items = items[:args.limit] if args.limit else items
+    model, tokenizer = load_model(args.model, ctx.device)
+    result = evaluate(benchmark, model, tokenizer, items, ctx, args.batch_size, args.max_new_tokens)
+    if result is not None:
+        records, scores = result
+        print(benchmark.format_scores(scores))
+        write_results(args.out, records, {**scores, "skipped": dict(report.skipped)})
+        print(f"wrote {os.path.join(args.out, PREDICTIONS_FILE)} and {SCORES_FILE}")
+    return 0
+
+
+__all__ = ["Benchmark", "DistContext", "Request", "add_run_args", "evaluate", "gather", "generate_all",
+           "init_distributed", "load_model", "run_cli", "shard", "write_results"]
