@@ -6,7 +6,7 @@ for ``online`` (``WANDB_MODE`` in the environment wins over the recipe's ``train
 run ever touches the network by default; offline runs are synced later with ``wandb sync``.
 
 MFU (model FLOPs utilisation) = achieved model FLOPs / peak FLOPs of the hardware, with the model FLOPs
-counted analytically (:func:`flops_per_step`, formula written there) — the PaLM convention (Chowdhery
+counted analytically (:func:`pipeline.flops.step_flops`, formula written there) — the PaLM convention (Chowdhery
 et al. 2022, appendix B): rematerialisation for activation checkpointing is not counted.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from pipeline.tokens import PAD
 
 # Dense peak FLOP/s (no sparsity) per device name substring, bf16 / fp32 tensor-core math.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
@@ -46,63 +45,6 @@ def peak_flops(precision: str) -> float | None:
         if key in name:
             return table[precision]
     return None
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFlops:
-    """Parameter counts and shapes that the FLOP formula needs."""
-
-    llm_params: int          # LLM matmul weights: every parameter except the input embedding table
-    llm_layers: int
-    llm_hidden: int
-    connector_params: int    # trained resampler + projection
-    vision_params: int       # frozen SigLIP tower
-    vision_tokens: int       # patches per image the vision tower and resampler read
-    visual_tokens: int       # N latents per image the LLM sees
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "ModelFlops":
-        """Count from an AKIModel (ZeRO-3 partitioned parameters report their full size in ``ds_numel``)."""
-        def count(module: torch.nn.Module) -> int:
-            return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
-
-        llm_cfg, vis_cfg = model.llm.config, model.vision.config
-        return cls(
-            llm_params=count(model.llm) - count(model.llm.get_input_embeddings()),
-            llm_layers=int(llm_cfg.num_hidden_layers), llm_hidden=int(llm_cfg.hidden_size),
-            connector_params=count(model.resampler) + count(model.projection),
-            vision_params=count(model.vision),
-            vision_tokens=(int(vis_cfg.image_size) // int(vis_cfg.patch_size)) ** 2,
-            visual_tokens=int(model.num_visual_tokens))
-
-
-def attended_pairs(batch: dict[str, Any]) -> int:
-    """Causal estimate of visible (query, key) pairs: n(n+1)/2 per document (for the MFU formula)."""
-    mod, docs = batch["modality_ids"], batch.get("document_ids")
-    if docs is None:
-        n = (mod != PAD).sum(1).double()
-    else:
-        rows = torch.arange(docs.shape[0])[:, None].expand_as(docs)
-        keys = (rows * (docs.max() + 1) + docs)[docs > 0]
-        n = torch.unique(keys, return_counts=True)[1].double()
-    return int((n * (n + 1) / 2).sum())
-
-
-def flops_per_step(f: ModelFlops, tokens: int, images: int, attended_pairs: int) -> float:
-    """Model FLOPs of one training step (forward + backward) over the whole global batch.
-
-    * LLM (trained):   6 · P_llm per token (2 forward + 4 backward per weight) plus attention
-                       12 · layers · hidden per attended (query, key) pair (QK^T and AV, fwd + bwd);
-    * connector:       6 · P_connector per patch token of each image (upper bound: the resampler's
-                       key/value projections read every patch, its latent path reads fewer tokens);
-    * vision (frozen): 2 · P_vision per patch token (forward only, no gradient is computed).
-
-    ``attended_pairs`` sums the visible (query, key) pairs of every row's attention mask; pass
-    ``tokens · row_length / 2`` for a causal estimate.
-    """
-    llm = 6 * f.llm_params * tokens + 12 * f.llm_layers * f.llm_hidden * attended_pairs
-    patches = images * f.vision_tokens
-    return float(llm + 6 * f.connector_params * patches + 2 * f.vision_params * patches)
 
 
 def peak_memory_gb(reset: bool = True) -> float:

@@ -39,8 +39,8 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline.config import (Config, ConfigError, fill_deepspeed_config, load_config, offloads_optimizer,
                              save_config, validate_launch)
-from pipeline.metrics import (MetricsLogger, ModelFlops, StepMetrics, attended_pairs, flops_per_step, peak_flops,
-                              peak_memory_gb)
+from pipeline.flops import BatchShape, causal_pairs, count_model, step_flops
+from pipeline.metrics import MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
 from pipeline.tokens import PAD
 from pipeline.zero3 import register_zero_config
 
@@ -190,7 +190,7 @@ class Trainer:
         self.tokenizer = load_run_tokenizer(config)
         model = build_model(config, self.ds_config, self.tokenizer, load_init_weights=self.resume_from is None)
         phase("model_s")
-        self.flops = ModelFlops.from_model(model)
+        self.flops = count_model(model)
         optimizer, scheduler = build_optimizer(model, config, self.ds_config)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=self.ds_config)
@@ -245,12 +245,13 @@ class Trainer:
 
         counts = torch.tensor([sum(b["num_target_tokens"] for b in batches),
                                sum(int((b["modality_ids"] != PAD).sum()) for b in batches),
+                               sum(b["modality_ids"].numel() for b in batches),
                                sum(int(b["pixel_values"].shape[0]) for b in batches),
-                               sum(attended_pairs(b) for b in batches),
+                               sum(causal_pairs(b["modality_ids"], b.get("document_ids")) for b in batches),
                                sum(b["num_samples"] for b in batches),
                                float(self.stop_signal is not None)], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
-        targets, tokens, images, pairs, samples, stop = counts.tolist()
+        targets, tokens, grid, images, pairs, samples, stop = counts.tolist()
         scale = self.world / max(targets, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         lr = self.scheduler.get_last_lr()[0]
@@ -271,7 +272,7 @@ class Trainer:
             finite = False      # DeepSpeed found a non-finite gradient norm with a finite loss
         grad_norm = self.engine.get_global_grad_norm() if finite else None
         return {"loss": step_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "targets": int(targets), "tokens": tokens, "images": images, "pairs": pairs,
+                "targets": int(targets), "tokens": tokens, "grid": grid, "images": images, "pairs": pairs,
                 "samples": samples, "stop": stop > 0, "finite": finite}
 
     def data_digest(self, batches: list[dict[str, Any]]) -> str:
@@ -305,7 +306,9 @@ class Trainer:
             elapsed = time.perf_counter() - start
             self.nonfinite_streak = 0 if r["finite"] else self.nonfinite_streak + 1
             self.skipped_steps += 0 if r["finite"] else 1
-            flops = flops_per_step(self.flops, int(r["tokens"]), int(r["images"]), int(r["pairs"]))
+            flops = step_flops(self.flops, BatchShape(tokens=int(r["tokens"]), grid_tokens=int(r["grid"]),
+                                                      predicted=r["targets"], visible_pairs=int(r["pairs"]),
+                                                      images=int(r["images"])))
             metrics = StepMetrics(
                 step=self.step, loss=r["loss"], lr=r["lr"], grad_norm=r["grad_norm"],
                 samples_per_s=r["samples"] / elapsed, tokens_per_s=r["tokens"] / elapsed,
