@@ -33,7 +33,9 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torc
 
     path = Path(checkpoint_dir)
     state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    return {k: v.contiguous() for k, v in state.items()}
+    # ZeRO-1/2 give views into one flat buffer, which safetensors refuses to save: copy those out.
+    return {k: v.contiguous() if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
+            for k, v in state.items()}
 
 
 def export_model(model: torch.nn.Module, checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,

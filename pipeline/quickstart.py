@@ -13,8 +13,9 @@ Every step runs the real command line in a subprocess, exactly as a user would o
 
 The run fails (exit 3) when a finetuned model does not beat chance by ``--min-margin`` on the pooled
 accuracy: a pipeline that learns nothing is a broken pipeline. ``--steps-scale`` shrinks the data and
-step counts; ``--smoke`` is the reduced form CI runs (:meth:`Plan.smoke`). One training process with
-every core is the default: on a small CPU it is faster than several gloo ranks (the tests cover those).
+step counts (the models need about the full plan to beat chance clearly). One training process with every core
+(DeepSpeed's single-device ZeRO-2 config) is the default: on a small CPU it is faster than several gloo
+ranks; ``--ranks 2`` trains with the recipes' ZeRO-3 config on two processes.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 ATTENTION_MODES = ("mma", "causal")
-SMOKE_SCALE = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +58,6 @@ class Plan:
             sft_images=max(96, round(self.sft_images * scale)),
             pt_steps=max(10, round(self.pt_steps * scale)), sft_steps=max(20, round(self.sft_steps * scale)))
 
-    def smoke(self) -> "Plan":
-        """The reduced form CI runs: less data and SFT, PT long enough for the images to be used."""
-        return dataclasses.replace(self.scaled(SMOKE_SCALE), pt_steps=round(self.pt_steps * 0.55),
-                                   sft_steps=round(self.sft_steps * 0.45))
 
 
 class QuickstartError(RuntimeError):
@@ -153,14 +149,16 @@ def _train_args(q: Quickstart, recipe: str, run: str, steps: int, batch: int, lr
     settings = [f"model.size={q.plan.model_size}", f"train.total_steps={steps}",
                 f"train.global_batch_size={batch}", f"train.micro_batch_size={micro}",
                 f"train.save_every={steps}", "train.keep_last=1", "train.log_every=5",
-                f"optim.lr={lr}", f"optim.min_lr={lr / 4}", f"optim.warmup_steps={max(1, steps // 20)}",
+                f"optim.lr={lr}", f"optim.min_lr={lr / 2}", f"optim.warmup_steps={max(1, steps // 20)}",
                 "train.wandb_mode=disabled", *extra]
+    if q.ranks == 1:        # one process has nothing to partition: the single-device ZeRO-2 config is faster
+        settings.append("train.deepspeed=ds_configs/zero2_single_gpu.json")
     return ["pipeline.train", "--config", recipe, "--output-dir", str(q.runs / run),
             *[a for s in settings for a in ("--set", s)]]
 
 
 def pretrain(q: Quickstart) -> None:
-    datasets = f"data.datasets=[{{path: {q.data / 'pt' / 'kale'}}}, {{path: {q.data / 'pt' / 'ocr200m'}, proportion: 0.25}}]"
+    datasets = f"data.datasets=[{{path: {q.data / 'pt' / 'kale'}}}, {{path: {q.data / 'pt' / 'ocr200m'}, proportion: 0.1}}]"
     q.torchrun("pretrain", _train_args(q, "tiny_pt", "pt", q.plan.pt_steps, q.plan.pt_batch, q.plan.pt_lr,
                                        [datasets, f"model.tokenizer={q.tokenizer}"]))
 
@@ -228,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/quickstart", help="output folder (replaced steps write into it)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale data sizes and training steps")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"the reduced CI form: data at --steps-scale {SMOKE_SCALE}, about half the steps")
     parser.add_argument("--ranks", type=int, default=1,
                         help="torchrun processes (one process with every core is the fastest on a small CPU)")
     parser.add_argument("--min-margin", type=float, default=0.15,
@@ -237,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ranks < 1:
         parser.error(f"--ranks must be at least 1, got {args.ranks}")
-    plan = Plan().smoke() if args.smoke else Plan().scaled(args.steps_scale)
+    plan = Plan().scaled(args.steps_scale)
     q = Quickstart(Path(args.out).resolve(), plan, args.ranks, args.min_margin)
     q.out.mkdir(parents=True, exist_ok=True)
     print(f"quickstart → {q.out} ({args.ranks} rank(s); logs in {q.logs})", flush=True)

@@ -228,3 +228,19 @@ def test_image_processor_reads_jpeg_bytes(tiny_model_factory):
     assert torch.equal(pixels[1], torch.full_like(pixels[1], -1.0))
     with pytest.raises(ValueError, match="cannot read an image from 9 bytes"):
         model.image_processor([b"not a jpg"])
+
+
+def test_images_at_input_size_skip_the_resize_with_the_same_pixels(tiny_model_factory):
+    from transformers import SiglipImageProcessor
+
+    model = tiny_model_factory()
+    side = model.image_size
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    reference = SiglipImageProcessor(size={"height": side, "width": side})(
+        [Image.open(io.BytesIO(j)) for j in jpegs], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(model.image_processor(jpegs), reference, rtol=0, atol=1e-6)

@@ -186,7 +186,7 @@ def test_consecutive_nonfinite_losses_abort_with_a_clear_message(world):
                                                                   "AKI_TEST_NAN_STEPS": "1,2,3,4,5,6"})
     assert proc.returncode != 0
     assert "loss was not finite for 2 steps in a row" in proc.stdout + proc.stderr, show(proc)
-    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
 
 
 def test_bad_config_fails_before_any_distributed_work(world, tmp_path):
@@ -198,3 +198,15 @@ def test_bad_config_fails_before_any_distributed_work(world, tmp_path):
     assert proc.returncode == 2, show(proc)
     assert "optim.lrr" in proc.stderr and "optim.lr" in proc.stderr
     assert "init_distributed" not in proc.stdout + proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_zero2_single_process_run_exports_a_loadable_model(world):
+    from pipeline.model.aki import AKIModel
+
+    args = PT + world["pt"] + ["--set", "train.total_steps=3", "--set", "train.deepspeed=ds_configs/zero2_single_gpu.json"]
+    out, proc = train(world, "Z2", args, nproc=1, env={"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, show(proc)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    model = AKIModel.from_pretrained(out / "export")
+    with torch.no_grad():
+        assert torch.isfinite(model(**probe_batch(world["tok"]), return_logits=True).logits).all()

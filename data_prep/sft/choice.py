@@ -11,17 +11,13 @@ import os
 from typing import Any, Iterable, Iterator
 
 from data_prep.records import Parsed
-from data_prep.sft.common import (Paths, SftOptions, SftSource, first_existing, lettered_options, load_json,
-                                  sft_sample, task_input, text)
+from data_prep.sft.common import (Paths, SftOptions, SftSource, first_existing, json_list_records, lettered_options,
+                                  load_json, sft_sample, task_input, text)
 
 
 # --- A-OKVQA: a JSON list; images in COCO {split}2017/ -------------------------------------------------
 def aokvqa_records(paths: Paths) -> Iterator[tuple[str, Any]]:
-    records = load_json(paths["annotations"], "A-OKVQA file (aokvqa_v1p0_train.json)")
-    if not isinstance(records, list):
-        raise ValueError(f"{paths['annotations']} is not a JSON list: not an A-OKVQA file")
-    for i, rec in enumerate(records):
-        yield str(rec.get("question_id", f"#{i}")) if isinstance(rec, dict) else f"#{i}", rec
+    yield from json_list_records(paths["annotations"], "A-OKVQA file (aokvqa_v1p0_train.json)", "question_id")
 
 
 def aokvqa_samples(record_id: str, raw: dict, paths: Paths, options: SftOptions) -> Iterable[Parsed]:

@@ -94,6 +94,15 @@ def load_json(path: str, what: str) -> Any:
         raise ValueError(f"{path} is not valid JSON ({err}); expected {what}") from None
 
 
+def json_list_records(path: str, what: str, id_key: str) -> Iterator[tuple[str, Any]]:
+    """``(record id, record)`` for each element of a JSON list file (``id_key``, else ``#index``)."""
+    records = load_json(path, what)
+    if not isinstance(records, list):
+        raise ValueError(f"{path} is not a JSON list: expected {what}")
+    for i, rec in enumerate(records):
+        yield str(rec.get(id_key, f"#{i}")) if isinstance(rec, dict) else f"#{i}", rec
+
+
 def text(value: Any, what: str) -> str:
     """A non-empty stripped string, or a :class:`RecordError`."""
     if not isinstance(value, str):

@@ -11,17 +11,13 @@ import os
 from typing import Any, Iterable, Iterator
 
 from data_prep.records import Parsed
-from data_prep.sft.common import Paths, SftOptions, SftSource, load_json, sft_sample, task_input, text
+from data_prep.sft.common import Paths, SftOptions, SftSource, json_list_records, sft_sample, task_input, text
 
 IMAGE_TAG = "<image>"
 
 
 def llava_records(paths: Paths) -> Iterator[tuple[str, Any]]:
-    records = load_json(paths["annotations"], "LLaVA conversations file (llava_instruct_150k.json)")
-    if not isinstance(records, list):
-        raise ValueError(f"{paths['annotations']} is not a JSON list: not a LLaVA conversations file")
-    for i, rec in enumerate(records):
-        yield str(rec.get("id", f"#{i}")) if isinstance(rec, dict) else f"#{i}", rec
+    yield from json_list_records(paths["annotations"], "LLaVA conversations file (llava_instruct_150k.json)", "id")
 
 
 def conversation_turns(conversations: list[dict]) -> list[tuple[str, str]]:

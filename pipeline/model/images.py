@@ -2,7 +2,9 @@
 
 It is transformers' ``SiglipImageProcessor`` (bicubic resize to the size's square input, rescale to
 [0, 1], normalise with mean = std = 0.5), configured from the model size, so training data, evaluation
-and generation all see identical pixels.
+and generation all see identical pixels. Images already at the input size — every training image, since
+data prep stores them resized — skip the resize, which is then the identity, and are normalised in one
+torch operation on the decoded uint8 array: the same pixels, several times faster per sample.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import io
 import os
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import SiglipImageProcessor
@@ -47,6 +50,10 @@ class ImageProcessor:
         if not images:
             return torch.zeros(0, 3, self.image_size, self.image_size)
         pil = [load_image(img) for img in images]
+        side = (self.image_size, self.image_size)
+        if all(img.size == side for img in pil):
+            pixels = torch.from_numpy(np.stack([np.asarray(img) for img in pil])).permute(0, 3, 1, 2)
+            return pixels.float().mul_(2.0 / 255.0).sub_(1.0)      # rescale 1/255, then (x - 0.5) / 0.5
         return self.processor(pil, return_tensors="pt")["pixel_values"].float()
 
 
