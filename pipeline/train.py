@@ -74,9 +74,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    import torch.distributed as dist
-
-    return dist.get_rank(), dist.get_world_size(), device
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
 def load_run_tokenizer(config: Config):
@@ -236,9 +234,11 @@ class Trainer:
         return batches
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The model inputs on the device, validated on the CPU first (no read-backs inside the step)."""
         from pipeline.data.collate import MODEL_INPUTS
-
-        return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+        inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+        self.engine.module.check_inputs(**inputs)
+        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
 
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         import torch.distributed as dist
@@ -256,7 +256,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         lr = self.scheduler.get_last_lr()[0]
         for i, batch in enumerate(batches):
-            out = self.engine(**self._to_device(self.dot.apply(batch, self.step)), return_logits=False)
+            inputs = self._to_device(self.dot.apply(batch, self.step))
+            out = self.engine(**inputs, return_logits=False, validate=False)
             loss_sum += out.loss_sum.detach().float()
             loss = out.loss_sum * scale
             if i == len(batches) - 1:

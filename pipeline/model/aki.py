@@ -193,9 +193,16 @@ class AKIModel(nn.Module):
         return self.projection(self.resampler(media.to(self.resampler.latents.dtype)))
 
     def embed(self, input_ids: torch.Tensor, modality_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """LLM input embeddings with each image's visual tokens at its IMAGE slots."""
-        n_images = self.check_inputs(input_ids, modality_ids, pixel_values, document_ids)
+              document_ids: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
+        """LLM input embeddings with each image's visual tokens at its IMAGE slots.
+
+        ``validate=False`` skips :meth:`check_inputs` (its checks read values back from the device): for
+        callers that validated the batch already, e.g. the trainer on the CPU before the transfer.
+        """
+        if validate:
+            n_images = self.check_inputs(input_ids, modality_ids, pixel_values, document_ids)
+        else:
+            n_images = 0 if pixel_values is None else pixel_values.shape[0]
         embeds = self.llm.get_input_embeddings()(input_ids)
         if n_images == 0:
             # Text-only batch: run the connector on a blank image anyway, so every rank uses the same
@@ -208,9 +215,9 @@ class AKIModel(nn.Module):
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, modality_ids: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                return_logits: bool = True) -> AKIOutput:
+                return_logits: bool = True, validate: bool = True) -> AKIOutput:
         input_ids, modality_ids = input_ids.long(), modality_ids.long()
-        embeds = self.embed(input_ids, modality_ids, pixel_values, document_ids)
+        embeds = self.embed(input_ids, modality_ids, pixel_values, document_ids, validate)
         n = self.num_visual_tokens
         hidden = self.llm.model(
             inputs_embeds=embeds,
