@@ -29,6 +29,7 @@ SCRIPTS = sorted([*SLURM_DIR.glob("*.sbatch"), *SLURM_DIR.glob("*.sh"), *SLURM_D
 NOT_USER_SETTINGS = re.compile(r"SLURM_\w+|PYTHONPATH|CUDA_VISIBLE_DEVICES|BASH_SOURCE")
 STEPS = 10                 # optimizer steps of the tiny runs (the signal comes after a few)
 JOB_TIMEOUT_S = 300
+REQUEUE_SETTLE_S = 5       # seconds a requeued job stays held before the test releases it
 
 
 # --------------------------------------------------------------------------- the scripts as files
@@ -180,15 +181,19 @@ def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slur
                 f"job {job} did not start training: {_job(job)}\n{_log(tmp_path, job)}"
             time.sleep(0.2)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-        hurried = False
+        hurried, requeued_at = False, None
         while True:
             info = _job(job)
             if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 break
-            # SLURM holds a requeued job for about two minutes before it may start again; skip that wait.
+            # SLURM holds a requeued job for about two minutes before it may start again; skip most of that
+            # wait, but give slurmd a few seconds to finish tearing down the first run (a restart racing that
+            # clean-up is killed with "Job credential revoked").
             if not hurried and info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) >= 1:
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-                hurried = True
+                requeued_at = requeued_at or time.monotonic()
+                if time.monotonic() - requeued_at >= REQUEUE_SETTLE_S:
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+                    hurried = True
             assert time.monotonic() < deadline, f"job {job} did not finish: {info}\n{_log(tmp_path, job)}"
             time.sleep(0.5)
     finally:
