@@ -86,6 +86,28 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
     return path
 
 
+def check_start(resume_from: str | os.PathLike | None, output_dir: str | os.PathLike) -> None:
+    """Refuse a start whose checkpoints would mix with later ones already in ``output_dir``.
+
+    Pruning ranks checkpoints by step number, so a new run (or a resume from an earlier step) in a folder
+    that holds a later run's checkpoints would see its own new checkpoints deleted in their favour.
+    """
+    root, existing = checkpoints_root(output_dir), list_checkpoints(output_dir)
+    if resume_from is None:
+        if existing:
+            names = ", ".join(p.name for _, p in existing)
+            raise ValueError(f"{root} already holds checkpoints of an earlier run ({names}); "
+                             f"continue that run with --resume auto, or start this one in another --output-dir "
+                             f"(or delete {root})")
+        return
+    start = int(read_json(Path(resume_from) / TRAINER_STATE)["step"])
+    later = [p.name for s, p in existing if s > start and is_complete(p)]
+    if later:
+        raise ValueError(f"--resume {resume_from} starts at step {start}, but {root} holds later checkpoints "
+                         f"({', '.join(later)}) that pruning would keep instead of this run's new ones; move "
+                         f"them out of {root} or train into another --output-dir")
+
+
 def mark_complete(path: str | os.PathLike) -> None:
     """Write COMPLETE (list of files and sizes) through a temporary file and an atomic rename."""
     path = Path(path)

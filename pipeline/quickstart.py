@@ -6,16 +6,16 @@ Every step runs the real command line in a subprocess, exactly as a user would o
 2. a tiny byte-level BPE tokenizer trained on the world's texts (``build_tiny_tokenizer``);
 3. ``data_prep/build_pretrain_shards.py`` (Kale- and OCR-200m-style tars → MDS);
 4. ``data_prep/build_sft_mixture.py`` (VQAv2, A-OKVQA, LLaVA, VSR, RefCOCO files → MDS + mixture.yaml);
-5. ``torchrun -m pipeline.train`` — pretraining of the ``small`` size (ZeRO-3 on CPU, gloo);
+5. ``python -m pipeline.train`` — pretraining of the ``small`` size (random init; DeepSpeed on the CPU);
 6. the same for SFT from the PT export, once with ``mma`` and once with ``causal`` attention;
 7. ``python -m pipeline.eval.cv_bench`` on the world's CV-Bench-style set, for both;
 8. the results table (printed), ``report.md``, ``loss_curves.png`` and ``results.json`` in ``--out``.
 
 The run fails (exit 3) when a finetuned model does not beat chance by ``--min-margin`` on the pooled
-accuracy: a pipeline that learns nothing is a broken pipeline. ``--steps-scale`` shrinks the data and
-step counts (the models need about the full plan to beat chance clearly). One training process with every core
+accuracy: a pipeline that learns nothing is a broken pipeline. ``--steps-scale`` scales the training steps
+(half the plan still beats chance clearly; the test suite runs it). One training process with every core
 (DeepSpeed's single-device ZeRO-2 config) is the default: on a small CPU it is faster than several gloo
-ranks; ``--ranks 2`` trains with the recipes' ZeRO-3 config on two processes.
+ranks; ``--ranks 2`` trains with the recipes' ZeRO-3 config on two processes under ``torchrun``.
 """
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+from pipeline.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ATTENTION_MODES = ("mma", "causal")
@@ -36,28 +39,26 @@ ATTENTION_MODES = ("mma", "causal")
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Sizes of one quickstart; :meth:`scaled` shrinks data and steps together."""
+    """Sizes of one quickstart; :meth:`scaled` changes the number of training steps."""
 
     pretrain_images: int = 1024
     sft_images: int = 384
     eval_images: int = 96
-    pt_steps: int = 500         # the images start to matter after ~150 steps; before, the text prior is learnt
-    sft_steps: int = 300
+    pt_steps: int = 600         # the images start to matter after ~200 steps; before, the text prior is learnt
+    sft_steps: int = 400        # the answers start to depend on the image after ~150-200 steps
     pt_batch: int = 16
     sft_batch: int = 16
-    pt_lr: float = 1e-3         # higher rates teach the text prior and leave the images unused
+    pt_lr: float = 1e-3
     sft_lr: float = 5e-4
     model_size: str = "small"
     tokenizer_vocab: int = 1000
 
     def scaled(self, scale: float) -> "Plan":
+        """The same data with ``scale`` times the training steps."""
         if not 0 < scale <= 4:
             raise ValueError(f"--steps-scale must be in (0, 4], got {scale}")
-        return dataclasses.replace(
-            self, pretrain_images=max(64, round(self.pretrain_images * scale)),
-            sft_images=max(96, round(self.sft_images * scale)),
-            pt_steps=max(10, round(self.pt_steps * scale)), sft_steps=max(20, round(self.sft_steps * scale)))
-
+        return dataclasses.replace(self, pt_steps=max(10, round(self.pt_steps * scale)),
+                                   sft_steps=max(20, round(self.sft_steps * scale)))
 
 
 class QuickstartError(RuntimeError):
@@ -89,21 +90,49 @@ class Quickstart:
 
     def run(self, name: str, cmd: list[str], threads: int = 1) -> None:
         """Run one command line, its output going to ``logs/<name>.log``; raise with the log tail on failure."""
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log = self.logs / f"{name}.log"
-        with open(log, "w") as f:
-            f.write("$ " + shlex.join(cmd) + "\n")
-            f.flush()
-            code = subprocess.run(cmd, cwd=REPO, env=self.env(threads), stdout=f, stderr=subprocess.STDOUT).returncode
-        if code != 0:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-            raise QuickstartError(f"step {name!r} failed (exit {code}); full log: {log}\n{tail}")
+        self.run_side_by_side({name: cmd}, threads)
 
-    def torchrun(self, name: str, module_args: list[str]) -> None:
-        port = 29500 + (os.getpid() + len(self.timings)) % 1000
-        self.run(name, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.ranks),
-                        "--master_port", str(port), "-m", *module_args],
-                 threads=max(1, (os.cpu_count() or 1) // self.ranks))
+    def run_side_by_side(self, cmds: dict[str, list[str]], threads: int) -> None:
+        """Run the command lines at the same time, each with ``threads`` threads and its output in
+        ``logs/<name>.log``; when one fails, raise with its log tail (after every one has ended)."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        running = []
+        for name, cmd in cmds.items():
+            log = open(self.logs / f"{name}.log", "w")
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            running.append((name, log, subprocess.Popen(cmd, cwd=REPO, env=self.env(threads), stdout=log,
+                                                         stderr=subprocess.STDOUT)))
+        failed = []
+        for name, log, proc in running:
+            code = proc.wait()
+            log.close()
+            failed += [(name, code)] if code != 0 else []
+        if failed:
+            name, code = failed[0]
+            log_path = self.logs / f"{name}.log"
+            tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
+            raise QuickstartError(f"step {name!r} failed (exit {code}); full log: {log_path}\n{tail}")
+
+    def side_by_side(self, cmds: dict[str, list[str]], processes_each: int) -> None:
+        """Run independent commands of ``processes_each`` processes, as many at once as the cores allow,
+        sharing the cores' threads among them."""
+        cores = os.cpu_count() or 1
+        at_once = max(1, min(len(cmds), cores // processes_each))
+        names = list(cmds)
+        for i in range(0, len(names), at_once):
+            self.run_side_by_side({n: cmds[n] for n in names[i:i + at_once]},
+                                  threads=max(1, cores // (processes_each * at_once)))
+
+    def train_cmd(self, run: str, train_args: list[str]) -> list[str]:
+        """``python -m pipeline.train`` into a fresh ``runs/<run>`` (a re-run replaces the earlier results),
+        under torchrun when there are several ranks."""
+        shutil.rmtree(self.runs / run, ignore_errors=True)
+        launcher = [sys.executable]
+        if self.ranks > 1:
+            launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(self.ranks),
+                         "--master_port", str(free_port())]
+        return [*launcher, "-m", "pipeline.train", *train_args, "--output-dir", str(self.runs / run)]
 
 
 # --------------------------------------------------------------------------- the steps
@@ -128,10 +157,10 @@ def _encode_args(q: Quickstart) -> list[str]:
 
 
 def pretrain_shards(q: Quickstart) -> None:
-    for source, folder in (("kale", "kale"), ("ocr200m", "ocr200m")):
-        q.run(f"pt_shards_{source}", [sys.executable, "data_prep/build_pretrain_shards.py",
-                                      str(q.world / "pt" / folder), "--source", source,
-                                      "--out", str(q.data / "pt" / source), *_encode_args(q)])
+    q.side_by_side({f"pt_shards_{source}": [sys.executable, "data_prep/build_pretrain_shards.py",
+                                            str(q.world / "pt" / source), "--source", source,
+                                            "--out", str(q.data / "pt" / source), *_encode_args(q)]
+                    for source in ("kale", "ocr200m")}, processes_each=1)
 
 
 def sft_mixture(q: Quickstart) -> None:
@@ -143,8 +172,7 @@ def sft_mixture(q: Quickstart) -> None:
                           *[a for name, r in ratios.items() for a in ("--ratio", f"{name}={r}")], *_encode_args(q)])
 
 
-def _train_args(q: Quickstart, recipe: str, run: str, steps: int, batch: int, lr: float,
-                extra: list[str]) -> list[str]:
+def _train_args(q: Quickstart, recipe: str, steps: int, batch: int, lr: float, extra: list[str]) -> list[str]:
     micro = max(1, batch // q.ranks)
     settings = [f"model.size={q.plan.model_size}", f"train.total_steps={steps}",
                 f"train.global_batch_size={batch}", f"train.micro_batch_size={micro}",
@@ -153,30 +181,29 @@ def _train_args(q: Quickstart, recipe: str, run: str, steps: int, batch: int, lr
                 "train.wandb_mode=disabled", *extra]
     if q.ranks == 1:        # one process has nothing to partition: the single-device ZeRO-2 config is faster
         settings.append("train.deepspeed=ds_configs/zero2_single_gpu.json")
-    return ["pipeline.train", "--config", recipe, "--output-dir", str(q.runs / run),
-            *[a for s in settings for a in ("--set", s)]]
+    return ["--config", recipe, *[a for s in settings for a in ("--set", s)]]
 
 
 def pretrain(q: Quickstart) -> None:
     datasets = f"data.datasets=[{{path: {q.data / 'pt' / 'kale'}}}, {{path: {q.data / 'pt' / 'ocr200m'}, proportion: 0.1}}]"
-    q.torchrun("pretrain", _train_args(q, "tiny_pt", "pt", q.plan.pt_steps, q.plan.pt_batch, q.plan.pt_lr,
-                                       [datasets, f"model.tokenizer={q.tokenizer}"]))
+    args = _train_args(q, "tiny_pt", q.plan.pt_steps, q.plan.pt_batch, q.plan.pt_lr,
+                       [datasets, f"model.tokenizer={q.tokenizer}"])
+    q.side_by_side({"pt": q.train_cmd("pt", args)}, q.ranks)
 
 
 def finetune(q: Quickstart) -> None:
-    for mode in ATTENTION_MODES:
-        q.torchrun(f"sft_{mode}", _train_args(
-            q, "tiny_sft", f"sft_{mode}", q.plan.sft_steps, q.plan.sft_batch, q.plan.sft_lr,
-            [f"model.attention_mode={mode}", f"train.init_from={q.runs / 'pt' / 'export'}",
-             f"data.mixture={q.data / 'sft' / 'mixture.yaml'}"]))
+    """SFT from the PT export once per attention mode (side by side when the cores allow)."""
+    q.side_by_side({f"sft_{mode}": q.train_cmd(f"sft_{mode}", _train_args(
+        q, "tiny_sft", q.plan.sft_steps, q.plan.sft_batch, q.plan.sft_lr,
+        [f"model.attention_mode={mode}", f"train.init_from={q.runs / 'pt' / 'export'}",
+         f"data.mixture={q.data / 'sft' / 'mixture.yaml'}"])) for mode in ATTENTION_MODES}, q.ranks)
 
 
 def evaluate(q: Quickstart) -> None:
-    for mode in ATTENTION_MODES:
-        q.run(f"eval_{mode}", [sys.executable, "-m", "pipeline.eval.cv_bench", "--model",
-                               str(q.runs / f"sft_{mode}" / "export"), "--data", str(q.world / "cvbench"),
-                               "--out", str(q.evals / mode), "--batch-size", "32", "--max-new-tokens", "4",
-                               "--device", "cpu"], threads=os.cpu_count() or 1)
+    q.side_by_side({f"eval_{mode}": [
+        sys.executable, "-m", "pipeline.eval.cv_bench", "--model", str(q.runs / f"sft_{mode}" / "export"),
+        "--data", str(q.world / "cvbench"), "--out", str(q.evals / mode), "--batch-size", "32",
+        "--max-new-tokens", "4", "--device", "cpu"] for mode in ATTENTION_MODES}, processes_each=1)
 
 
 STEPS: dict[str, Callable[[Quickstart], None]] = {
@@ -222,6 +249,11 @@ def summarise(q: Quickstart) -> dict:
     return results
 
 
+def below_margin(results: dict, min_margin: float) -> dict[str, float]:
+    """The models whose pooled accuracy is below chance + ``min_margin`` (mode → accuracy)."""
+    return {m: a for m, a in results["accuracy"].items() if a < results["chance"] + min_margin}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/quickstart", help="output folder (replaced steps write into it)")
@@ -248,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = summarise(q)
     print(f"total {sum(q.timings.values()):.0f} s")
-    failing = {m: a for m, a in results["accuracy"].items() if a < results["chance"] + args.min_margin}
+    failing = below_margin(results, args.min_margin)
     if failing:
         print(f"quickstart: {', '.join(failing)} did not beat chance ({100 * results['chance']:.1f}%) by "
               f"{100 * args.min_margin:.0f} points — the pipeline did not learn; see {q.out / 'report.md'}",

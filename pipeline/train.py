@@ -39,6 +39,7 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline.config import (Config, ConfigError, fill_deepspeed_config, load_config, offloads_optimizer,
                              save_config, validate_launch)
+from pipeline.distributed import setup_distributed
 from pipeline.flops import BatchShape, causal_pairs, count_model, step_flops
 from pipeline.metrics import MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
 from pipeline.tokens import PAD
@@ -59,22 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="save and exit 0 after this step (the LR schedule still spans train.total_steps)")
     return p.parse_args(argv)
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group (gloo on CPU, NCCL on GPUs); single-process runs get default env values."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29500")):
-        os.environ.setdefault(key, value)
-    import deepspeed
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    else:
-        device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
 def load_run_tokenizer(config: Config):
@@ -371,11 +356,12 @@ class Trainer:
 
 
 def prepare_config(args: argparse.Namespace) -> Config:
-    """The validated recipe of a command line (raises ConfigError before any distributed work)."""
+    """The validated recipe and run folder of a command line; raises ValueError before any distributed work."""
     config = load_config(args.config, args.set)
     if args.output_dir is not None:
         config.train.output_dir = args.output_dir
     validate_launch(config, int(os.environ.get("WORLD_SIZE", "1")))
+    ckpt.check_start(ckpt.resolve_resume(args.resume, config.train.output_dir), config.train.output_dir)
     return config
 
 
@@ -383,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = prepare_config(args)
-    except ConfigError as err:
+    except ValueError as err:           # ConfigError is one
         print(f"error: {err}", file=sys.stderr)
         return 2
     trainer = Trainer(config, resume=args.resume, stop_at_step=args.stop_at_step)

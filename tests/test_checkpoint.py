@@ -81,3 +81,21 @@ def test_rng_state_round_trips_through_json(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def test_a_fresh_start_into_a_folder_with_checkpoints_is_refused(tmp_path):
+    ckpt.check_start(None, tmp_path)                     # empty folder: fine
+    fake_checkpoint(tmp_path, 60)
+    with pytest.raises(ValueError, match=r"step_00000060.*--resume auto.*another --output-dir"):
+        ckpt.check_start(None, tmp_path)
+
+
+def test_resuming_before_later_complete_checkpoints_is_refused(tmp_path):
+    early = fake_checkpoint(tmp_path, 20)
+    fake_checkpoint(tmp_path, 40, complete=False)        # a save cut off by kill -9: retried, not in the way
+    ckpt.check_start(early, tmp_path)
+    ckpt.check_start(ckpt.resolve_resume("auto", tmp_path), tmp_path)
+    fake_checkpoint(tmp_path, 60)
+    with pytest.raises(ValueError, match=r"starts at step 20.*step_00000060"):
+        ckpt.check_start(early, tmp_path)
+    ckpt.check_start(ckpt.resolve_resume("auto", tmp_path), tmp_path)   # the newest: nothing later

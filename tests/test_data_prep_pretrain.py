@@ -142,6 +142,6 @@ def test_unknown_source_and_missing_input_are_clear(tmp_path, settings):
 def test_finished_parts_built_with_other_settings_are_not_reused(tmp_path, settings, tiny_tokenizer_path):
     raw = kale_tars(str(tmp_path / "raw"), n_tars=1, per_tar=1)
     build_pretrain([raw], str(tmp_path / "out"), "kale", settings, workers=1)
-    with pytest.raises(ValueError, match="already built with other settings .*num_visual_tokens 4 != 16"):
+    with pytest.raises(ValueError, match="already built with other settings .*num_visual_tokens 4 != 8"):
         build_pretrain([raw], str(tmp_path / "out"), "kale", EncodeSettings(tiny_tokenizer_path, "small", 128),
                        workers=1)

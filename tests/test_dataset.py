@@ -125,7 +125,7 @@ def test_resume_continues_at_the_exact_sample(datasets, tiny_tokenizer):
 def test_manifest_must_match_the_model(datasets, tiny_tokenizer, tmp_path):
     config = config_for((datasets["a"], 1))
     other = load_config("tiny_pt", [f"data.datasets=[{{path: {datasets['a']}}}]", "model.size=small"])
-    with pytest.raises(ValueError, match=r"N=4 visual tokens .* model uses N=16"):
+    with pytest.raises(ValueError, match=r"N=4 visual tokens .* model uses N=8"):
         build_dataloader(other, tiny_tokenizer)
     from pipeline.data.dataset import build_dataset
     with pytest.raises(ValueError, match="was tokenized with tokenizer .* rebuild it"):

@@ -1,10 +1,7 @@
-"""The quickstart end to end at a very small scale (world → shards → PT → SFT mma/causal → CV-Bench-style
-eval → table, report, loss curves): every step runs its real command line, the results are written and
-consistent, and the accuracy gate fails the run (exit 3) when a model does not beat chance by the margin.
-
-Whether the models beat chance is a property of the full ``make quickstart`` run, not of this one: a
-few dozen CPU steps are too few for the images to be used, so the gate is checked here with a margin
-no model can reach.
+"""The quickstart learns: half its plan (world → shards → PT → SFT mma/causal → CV-Bench-style eval) run
+through every step's real command line, and both finetuned models must beat chance by 8 points on the
+pooled accuracy (222 questions: one standard error of a guesser is ~3 points). The results, report and
+loss curves are written and consistent.
 """
 from __future__ import annotations
 
@@ -16,34 +13,42 @@ import sys
 import pytest
 
 from pipeline.eval.report import read_loss_curve
+from pipeline.quickstart import below_margin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARGIN = 0.08
 
 
 @pytest.mark.slow
-def test_tiny_quickstart_runs_every_step_and_gates_on_accuracy(tmp_path):
+def test_half_quickstart_beats_chance_and_writes_its_report(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.quickstart", "--steps-scale", "0.05", "--out", str(out),
-                           "--min-margin", "1.0"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "did not beat chance" in proc.stderr and "by 100 points" in proc.stderr, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.quickstart", "--steps-scale", "0.5", "--out", str(out),
+                           "--min-margin", str(MARGIN)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     results = json.loads((out / "results.json").read_text())
-    assert results["n_questions"] >= 100
+    assert results["n_questions"] >= 200
     assert 0.25 <= results["chance"] <= 0.5          # 2- and 4-option questions
     for mode in ("mma", "causal"):
         scores = results["scores"][mode]
-        assert scores["n"] == results["n_questions"]
-        assert 0.0 <= results["accuracy"][mode] <= 1.0
+        assert scores["n"] == results["n_questions"] and scores["unanswered"] == 0
+        assert results["accuracy"][mode] >= results["chance"] + MARGIN, results["accuracy"]
         predictions = (out / "eval" / mode / "predictions.jsonl").read_text().splitlines()
         assert len(predictions) == results["n_questions"]
         sft_steps, _ = read_loss_curve(str(out / "runs" / f"sft_{mode}" / "metrics.jsonl"))
         assert sft_steps == list(range(1, results["plan"]["sft_steps"] + 1))
     pt_steps, pt_loss = read_loss_curve(str(out / "runs" / "pt" / "metrics.jsonl"))
-    assert pt_steps == list(range(1, results["plan"]["pt_steps"] + 1))
-    assert pt_loss[-1] < pt_loss[0] * 0.7            # pre-training learns the captions' text
+    assert pt_steps == list(range(1, results["plan"]["pt_steps"] + 1)) and len(pt_steps) == 300
+    assert pt_loss[-1] < pt_loss[0] * 0.5            # pre-training learns the captions
     assert (out / "loss_curves.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "| SFT mma |" in report and "| SFT causal |" in report and "chance" in report
     assert "SFT mma" in proc.stdout                  # the table is printed
+
+
+def test_the_gate_names_each_model_below_chance_plus_the_margin():
+    results = {"chance": 0.392, "accuracy": {"mma": 0.55, "causal": 0.45}}
+    assert below_margin(results, 0.08) == {"causal": 0.45}
+    assert below_margin(results, 0.05) == {}
+    assert below_margin(results, 0.2) == {"mma": 0.55, "causal": 0.45}

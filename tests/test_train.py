@@ -200,6 +200,19 @@ def test_bad_config_fails_before_any_distributed_work(world, tmp_path):
     assert "init_distributed" not in proc.stdout + proc.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_new_run_into_a_folder_with_checkpoints_fails_before_any_distributed_work(run_a, world):
+    import os
+
+    before = sorted(p.name for p in (run_a / "checkpoints").iterdir())
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *PT, *world["pt"], "--output-dir", str(run_a)],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                          timeout=120)
+    assert proc.returncode == 2, show(proc)
+    assert "already holds checkpoints" in proc.stderr and "--resume auto" in proc.stderr, show(proc)
+    assert "init_distributed" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == before
+
+
 def test_zero2_single_process_run_exports_a_loadable_model(world):
     from pipeline.model.aki import AKIModel
 

@@ -88,8 +88,8 @@ register(ModelSize(
     name="small",
     vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                 image_size=64, patch_size=8),
-    resampler=dict(dim=96, depth=2, heads=4, dim_head=24, ff_mult=2, num_latents=16),
-    llm=dict(vocab_size=1024, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-             num_attention_heads=6, num_key_value_heads=6, rms_norm_eps=1e-5, rope_theta=10000.0,
+    resampler=dict(dim=96, depth=1, heads=4, dim_head=24, ff_mult=2, num_latents=8),
+    llm=dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0,
              max_position_embeddings=1024, tie_word_embeddings=False, **_NO_SPECIAL_IDS),
 ))
