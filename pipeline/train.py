@@ -361,7 +361,8 @@ def prepare_config(args: argparse.Namespace) -> Config:
     if args.output_dir is not None:
         config.train.output_dir = args.output_dir
     validate_launch(config, int(os.environ.get("WORLD_SIZE", "1")))
-    ckpt.check_start(ckpt.resolve_resume(args.resume, config.train.output_dir), config.train.output_dir)
+    if os.environ.get("RANK", "0") == "0":      # one scan of the run folder; the launcher stops the other ranks
+        ckpt.check_start(ckpt.resolve_resume(args.resume, config.train.output_dir), config.train.output_dir)
     return config
 
 
