@@ -13,6 +13,10 @@ Layout of the output folder::
     OUT/index.json    all parts merged (streaming.base.util.merge_index)
     OUT/manifest.json all parts' counts merged
 
+``OUT`` may be ``s3://bucket/prefix``: each part is written to a local staging folder and uploaded by
+MDS as it goes (its manifest and done marker after it), the merged index and manifest are uploaded
+beside the parts, and "finished" means the part's done marker is in the bucket.
+
 Parts are fixed by ``tars_per_part`` (not by the number of workers), so the output is the same for any
 worker count, a re-run skips finished parts, and several jobs (``job_index`` of ``num_jobs``) can share
 one output folder; whichever job finds every part finished merges the index.
@@ -31,9 +35,10 @@ from tqdm import tqdm
 from data_prep.records import EMPTY_TEXT, MALFORMED_RECORD, MISSING_IMAGE, NON_UTF8_TEXT, Parsed, Sample, Skip
 from data_prep.tars import Members, list_tars, read_samples
 from data_prep.writer import (SHARD_SIZE_LIMIT, START_METHOD, DatasetWriter, EncodeSettings, cached_converter,
-                              check_reusable, is_done)
+                              check_reusable, fetch_folder_file, is_done)
 from pipeline.chat import pretrain_segments
-from pipeline.data.format import Manifest, read_manifest
+from pipeline.data import remote as storage
+from pipeline.data.format import MANIFEST_NAME, Manifest, read_manifest
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 PART_FORMAT = "part-{:05d}"
@@ -132,6 +137,13 @@ class PartJob:
     options: CaptionOptions
     settings: EncodeSettings
     size_limit: str | int
+    remote: str | None = None
+    """The part's URL when the output is in object storage (``folder`` is then its staging folder)."""
+
+    @property
+    def location(self) -> str:
+        """Where the finished part lives: its URL, or its folder."""
+        return self.remote or self.folder
 
 
 def build_part(job: PartJob) -> Manifest:
@@ -140,7 +152,7 @@ def build_part(job: PartJob) -> Manifest:
     source = get_source(job.source)
     manifest = converter.new_manifest(source.name, source.license, input_tars=len(job.tars),
                                       **dataclasses.asdict(job.options))
-    with DatasetWriter(job.folder, manifest, job.size_limit) as writer:
+    with DatasetWriter(job.folder, manifest, job.size_limit, job.remote) as writer:
         for tar in job.tars:
             for item in read_samples(tar):
                 parsed = item if isinstance(item, Skip) else parse_sample(*item, source, job.options)
@@ -151,24 +163,35 @@ def build_part(job: PartJob) -> Manifest:
 def build_pretrain(inputs: list[str], out: str, source: str, settings: EncodeSettings,
                    options: CaptionOptions = CaptionOptions(), workers: int | None = None,
                    tars_per_part: int = 8, job_index: int = 0, num_jobs: int = 1,
-                   size_limit: str | int = SHARD_SIZE_LIMIT) -> Manifest | None:
-    """Convert the tars in ``inputs`` into ``out``; returns the merged manifest once every part is done."""
+                   size_limit: str | int = SHARD_SIZE_LIMIT, staging: str | None = None) -> Manifest | None:
+    """Convert the tars in ``inputs`` into ``out``; returns the merged manifest once every part is done.
+
+    ``out`` may be an ``s3://`` URL; ``staging`` is then the local folder the parts are written to before
+    the upload (default: :func:`pipeline.data.remote.staging_folder`).
+    """
     get_source(source)
     if not 0 <= job_index < num_jobs:
         raise ValueError(f"job_index {job_index} must be in [0, num_jobs={num_jobs})")
+    remote = storage.is_remote(out)
+    if remote:
+        staging = staging or storage.staging_folder(out)
+        storage.check_bucket(out)
+    local_root = staging if remote else out
     tars = list_tars(inputs)
     ranges = [tuple(tars[i:i + tars_per_part]) for i in range(0, len(tars), tars_per_part)]
-    jobs = [PartJob(os.path.join(out, PART_FORMAT.format(i)), r, source, options, settings, size_limit)
+    jobs = [PartJob(os.path.join(local_root, PART_FORMAT.format(i)), r, source, options, settings, size_limit,
+                    storage.join(out, PART_FORMAT.format(i)) if remote else None)
             for i, r in enumerate(ranges)]
     per_job = -(-len(jobs) // num_jobs)
     mine = jobs[job_index * per_job:(job_index + 1) * per_job]
-    pending = [j for j in mine if not is_done(j.folder)]
+    done = {j.location for j in jobs if is_done(j.location)}
+    pending = [j for j in mine if j.location not in done]
     if len(pending) < len(mine):
         expected = cached_converter(settings).new_manifest(source, "", **dataclasses.asdict(options))
         for job in mine:
-            if is_done(job.folder):
-                check_reusable(job.folder, expected)
-    os.makedirs(out, exist_ok=True)
+            if job.location in done:
+                check_reusable(job.location, expected, job.folder)
+    os.makedirs(local_root, exist_ok=True)
     workers = max(1, min(workers or os.cpu_count() or 1, len(pending)))
     bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"{source} parts", unit="part")
     if workers == 1:
@@ -180,26 +203,38 @@ def build_pretrain(inputs: list[str], out: str, source: str, settings: EncodeSet
             for _ in pool.imap_unordered(build_part, pending):
                 bar.update()
     bar.close()
-    if not all(is_done(j.folder) for j in jobs):
-        print(f"{out}: {sum(is_done(j.folder) for j in jobs)}/{len(jobs)} parts finished; the index is merged "
+    finished = sum(is_done(j.location) for j in jobs)
+    if finished < len(jobs):
+        print(f"{out}: {finished}/{len(jobs)} parts finished; the index is merged "
               "when the last job finishes (or re-run with the same arguments)")
         return None
-    return merge_parts(out, [j.folder for j in jobs])
+    return merge_parts(out, [j.location for j in jobs], staging)
 
 
-def merge_parts(out: str, folders: list[str]) -> Manifest:
-    """Merge the parts' MDS indexes into ``out/index.json`` and their manifests into one."""
+def merge_parts(out: str, folders: list[str], staging: str | None = None) -> Manifest:
+    """Merge the parts' MDS indexes into ``out/index.json`` and their manifests into one.
+
+    For an ``s3://`` ``out`` the parts are URLs: their indexes and manifests are read from the bucket and
+    the merged ones uploaded beside them (written to ``staging`` first).
+    """
     from streaming.base.util import merge_index
 
+    local_out = staging if storage.is_remote(out) else out
+    assert local_out is not None, f"{out}: a remote output needs a local staging folder"
+    os.makedirs(local_out, exist_ok=True)
+    if storage.is_remote(out) and os.path.exists(os.path.join(local_out, "index.json")):
+        os.remove(os.path.join(local_out, "index.json"))    # merge_index will not move onto an old one
     logging.disable(logging.WARNING)     # merge_index warns about its temporary folder on every call
     try:
-        merge_index([os.path.join(f, "index.json") for f in folders], out, keep_local=True)
+        merge_index([storage.join(f, "index.json") for f in folders],
+                    (local_out, out) if storage.is_remote(out) else out, keep_local=True)
     finally:
         logging.disable(logging.NOTSET)
     merged: Manifest | None = None
     examples: dict[str, list[str]] = {}
     for folder in folders:
-        part = read_manifest(folder)
+        part_staging = os.path.join(local_out, os.path.basename(folder.rstrip("/")))
+        part = read_manifest(fetch_folder_file(folder, MANIFEST_NAME, part_staging))
         for reason, ids in part.extra.pop("skipped_examples", {}).items():
             examples.setdefault(reason, []).extend(ids)
         if merged is None:
@@ -211,7 +246,9 @@ def merge_parts(out: str, folders: list[str]) -> Manifest:
     merged.extra["parts"] = len(folders)
     if examples:
         merged.extra["skipped_examples"] = {k: v[:5] for k, v in sorted(examples.items())}
-    merged.write(out)
+    merged.write(local_out)
+    if storage.is_remote(out):
+        storage.upload(os.path.join(local_out, MANIFEST_NAME), storage.join(out, MANIFEST_NAME))
     return merged
 
 
@@ -219,12 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     """Command line of ``data_prep/build_pretrain_shards.py``."""
     import argparse
 
-    from data_prep.writer import add_encode_args, settings_from_args
+    from data_prep.writer import add_encode_args, add_output_args, settings_from_args
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="img2dataset output: tar files, folders of tars or globs")
-    parser.add_argument("--out", required=True, help="output dataset folder")
+    add_output_args(parser, "dataset folder")
     parser.add_argument("--source", required=True, choices=sorted(PRETRAIN_SOURCES))
     parser.add_argument("--ocr-granularity", type=int, default=0,
                         help="OCR-200m caption granularity; 0 = the paper's Level 1 'basic text extraction'")
@@ -239,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = build_pretrain(args.inputs, args.out, args.source, settings_from_args(args),
                               CaptionOptions(args.ocr_granularity, args.ocr_include_raw_caption),
                               args.workers, args.tars_per_part, args.job_index, args.num_jobs,
-                              args.shard_size_limit)
+                              args.shard_size_limit, args.staging)
     if manifest is not None:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skipped.items())) or "none"
         print(f"{args.out}: {manifest.samples} samples, {manifest.tokens} tokens, "

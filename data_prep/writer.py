@@ -4,6 +4,8 @@
 :func:`pipeline.chat.encode`); :class:`DatasetWriter` wraps :class:`streaming.MDSWriter`, counts every
 written row and every skip by reason in a :class:`pipeline.data.format.Manifest`, and marks the folder
 finished only when everything is on disk (so an interrupted job is redone, a finished one skipped).
+With a ``remote`` URL the folder is a local staging area: MDS uploads each shard as it is written, then
+the manifest and, last, the done marker go to the bucket (see :mod:`pipeline.data.remote`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from streaming import MDSWriter
 from data_prep.images import ImageError, read_image_file, to_encoder_jpeg
 from data_prep.records import OVER_LENGTH, Parsed, Skip
 from pipeline.chat import OverLength, encode
-from pipeline.data.format import MDS_COLUMNS, Manifest, join_images
+from pipeline.data import remote as storage
+from pipeline.data.format import MANIFEST_NAME, MDS_COLUMNS, Manifest, join_images
 from pipeline.model.sizes import get_model_size
 from pipeline.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.tokens import TEXT_TARGET
@@ -96,15 +99,23 @@ def convert_item(settings: EncodeSettings, source: str, item: Parsed) -> dict[st
 
 
 class DatasetWriter:
-    """One dataset folder: MDS shards written with zstd, ``manifest.json`` and a done marker."""
+    """One dataset folder: MDS shards written with zstd, ``manifest.json`` and a done marker.
 
-    def __init__(self, folder: str, manifest: Manifest, size_limit: str | int = SHARD_SIZE_LIMIT):
+    With ``remote`` (``s3://bucket/prefix``), ``folder`` is the local staging folder and everything is
+    uploaded there; an unfinished remote folder is rewritten under the same object names (MDS numbers
+    its shards), so a re-run never duplicates a shard.
+    """
+
+    def __init__(self, folder: str, manifest: Manifest, size_limit: str | int = SHARD_SIZE_LIMIT,
+                 remote: str | None = None):
         self.folder = folder
+        self.remote = remote
         self.manifest = manifest
         if os.path.isdir(folder):       # leftovers of an interrupted run are redone from scratch
             shutil.rmtree(folder)
         os.makedirs(folder)
-        self._mds = MDSWriter(columns=MDS_COLUMNS, out=folder, compression="zstd", size_limit=size_limit)
+        self._mds = MDSWriter(columns=MDS_COLUMNS, out=(folder, remote) if remote else folder,
+                              compression="zstd", size_limit=size_limit)
         self._examples: dict[str, list[str]] = {}
 
     def add(self, result: dict[str, Any] | Skip) -> None:
@@ -128,11 +139,15 @@ class DatasetWriter:
     def finish(self) -> Manifest:
         """Flush the shards, write the manifest, then the done marker."""
         self._mds.finish()
+        os.makedirs(self.folder, exist_ok=True)     # MDS removes a staging folder once it is uploaded
         if self._examples:
             self.manifest.extra["skipped_examples"] = self._examples
         self.manifest.write(self.folder)
         with open(os.path.join(self.folder, DONE_MARKER), "w") as f:
             f.write("ok\n")
+        if self.remote:
+            for name in (MANIFEST_NAME, DONE_MARKER):       # the marker last: it says "complete"
+                storage.upload(os.path.join(self.folder, name), storage.join(self.remote, name))
         return self.manifest
 
     def __enter__(self) -> "DatasetWriter":
@@ -144,8 +159,28 @@ class DatasetWriter:
 
 
 def is_done(folder: str) -> bool:
-    """True when ``folder`` holds a finished dataset (its done marker is written last)."""
-    return os.path.exists(os.path.join(folder, DONE_MARKER))
+    """True when ``folder`` (a local folder or a URL) holds a finished dataset (its marker is written last)."""
+    marker = storage.join(folder, DONE_MARKER)
+    return storage.exists(marker) if storage.is_remote(folder) else os.path.exists(marker)
+
+
+def fetch_folder_file(folder: str, name: str, staging: str | None) -> str:
+    """The local folder holding ``folder/name``: ``folder`` itself, or ``staging`` after a download."""
+    if not storage.is_remote(folder):
+        return folder
+    assert staging is not None, f"{folder}: a remote folder needs a local staging folder"
+    storage.download(storage.join(folder, name), os.path.join(staging, name))
+    return staging
+
+
+def add_output_args(parser, what: str) -> None:
+    """``--out`` (a folder or ``s3://bucket/prefix``) and ``--staging`` for the converters."""
+    parser.add_argument("--out", required=True,
+                        help=f"output {what}: a local folder, or s3://bucket/prefix to upload there (endpoint "
+                             "and credentials from S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+    parser.add_argument("--staging", default=None,
+                        help="local staging folder for an s3:// --out (default: one under the temp folder, "
+                             "derived from the URL)")
 
 
 def add_encode_args(parser, default_max_text_tokens: int) -> None:
@@ -165,11 +200,14 @@ def settings_from_args(args) -> EncodeSettings:
     return EncodeSettings(str(args.tokenizer), args.model_size, args.max_text_tokens)
 
 
-def check_reusable(folder: str, expected: Manifest) -> None:
-    """Refuse to reuse a finished folder that was built with another tokenizer, N, image size or budget."""
+def check_reusable(folder: str, expected: Manifest, staging: str | None = None) -> None:
+    """Refuse to reuse a finished folder that was built with another tokenizer, N, image size or budget.
+
+    A remote ``folder``'s manifest is read through the local ``staging`` folder.
+    """
     from pipeline.data.format import read_manifest
 
-    found = read_manifest(folder)
+    found = read_manifest(fetch_folder_file(folder, MANIFEST_NAME, staging))
     keys = ("num_visual_tokens", "image_size", "tokenizer_fingerprint")
     diffs = [f"{k} {getattr(found, k)} != {getattr(expected, k)}" for k in keys
              if getattr(found, k) != getattr(expected, k)]

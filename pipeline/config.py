@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.data.remote import is_remote
 from pipeline.recipes import (ConfigError, Proportion, apply_overrides, build_dataclass, read_recipe,
                               resolve_recipe)
 
@@ -73,10 +74,14 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DatasetSource:
-    """One dataset folder written by data_prep (MDS shards + manifest.json) and its sampling weight."""
+    """One dataset written by data_prep (MDS shards + manifest.json), local or in a bucket, and its weight."""
 
-    path: str
-    """Folder holding index.json, the shards and manifest.json."""
+    path: str | None = None
+    """Folder holding index.json, the shards and manifest.json. Set this or ``remote``."""
+    remote: str | None = None
+    """The dataset's ``s3://bucket/prefix``: streamed into ``local`` (endpoint, credentials: environment)."""
+    local: str | None = None
+    """Cache folder of a ``remote`` dataset, shared by the ranks of a node; None: under ``data.cache_dir``."""
     proportion: Proportion = Proportion(1.0)
     """Relative sampling weight; weights are normalised to sum to 1 (Table 4 ratios can be given as-is)."""
     name: str | None = None
@@ -88,9 +93,16 @@ class DataConfig:
     """Where samples come from and how they are batched."""
 
     mixture: str | None = None
-    """Mixture YAML written by data_prep (``streams: [{name, local, proportion}]``). Set this or ``datasets``."""
+    """Mixture YAML written by data_prep (``streams: [{name, local, proportion}]``), a path or an s3:// URL
+    (its datasets are then streamed from beside it). Set this or ``datasets``."""
     datasets: list[DatasetSource] | None = None
     """Dataset folders with proportions, instead of a mixture file."""
+    cache_dir: str | None = None
+    """Per-node cache root of remote datasets (each in a sub-folder named after its URL); None: a folder
+    under the node's temporary directory ($TMPDIR)."""
+    cache_limit: str | None = None
+    """Most bytes the cached shards of remote datasets may take per node (e.g. "50gb"); older shards are
+    evicted. None: no limit. It must hold at least a few shards."""
     collate: str = "pack"
     """"pad": one sample per row, padded to the longest; "pack": several samples per row of ``pack_tokens``."""
     pack_tokens: int = 2048
@@ -105,6 +117,9 @@ class DataConfig:
     """Shuffle samples (deterministically from ``shuffle_seed``)."""
     shuffle_seed: int = 9176
     """Seed of the streaming shuffle; the same seed gives the same sample order on any number of ranks."""
+    num_canonical_nodes: int | None = None
+    """streaming's canonical node count, which fixes the sample order; None: the number of nodes of the
+    first run (kept on resume). Give it to get the same order as a run on another number of nodes."""
     orders: list[str] = dataclasses.field(default_factory=lambda: ["it"])
     """Input orders of this stage, trained one after another, each for an equal share of the steps.
     ["it"]: image then text, as stored; ["ti", "it"]: dual-order training (DOT); ["ti"]: DOT ablation."""
@@ -229,6 +244,13 @@ def validate(config: Config) -> None:
         raise ConfigError("config sets both `data.mixture` and `data.datasets`; keep one")
     if d.datasets is not None and sum(s.proportion for s in d.datasets) <= 0:
         raise ConfigError("config `data.datasets`: the proportions sum to 0; give at least one a weight > 0")
+    for i, s in enumerate(d.datasets or []):
+        if (s.path is None) == (s.remote is None):
+            raise ConfigError(f"config `data.datasets[{i}]` needs exactly one of `path` (a local folder) and "
+                              "`remote` (an s3:// URL, cached in `local`)")
+        if s.remote is not None and not is_remote(s.remote):
+            raise ConfigError(f"config `data.datasets[{i}].remote` is {s.remote!r}: give a URL such as "
+                              "s3://bucket/prefix (local folders go in `path`)")
     _choice(d.collate, COLLATE_MODES, "data.collate")
     for key in ("pack_tokens", "max_length", "pad_to_multiple_of"):
         _positive(getattr(d, key), f"data.{key}")
@@ -304,7 +326,7 @@ def validate_launch(config: Config, world_size: int) -> int:
              "train.init_from": config.train.init_from, "model.tokenizer": config.model.tokenizer}
     paths.update({f"data.datasets[{i}].path": s.path for i, s in enumerate(d.datasets or [])})
     for key, path in paths.items():
-        if path is not None and not resolve_path(path).exists():
+        if path is not None and not is_remote(path) and not resolve_path(path).exists():
             raise ConfigError(f"config `{key}`: {path} does not exist (working directory {os.getcwd()})")
     return accum
 

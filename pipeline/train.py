@@ -363,6 +363,9 @@ def prepare_config(args: argparse.Namespace) -> Config:
     validate_launch(config, int(os.environ.get("WORLD_SIZE", "1")))
     if os.environ.get("RANK", "0") == "0":      # one scan of the run folder; the launcher stops the other ranks
         ckpt.check_start(ckpt.resolve_resume(args.resume, config.train.output_dir), config.train.output_dir)
+        from pipeline.data.dataset import check_data_access
+
+        check_data_access(config.data)          # a missing bucket or a wrong credential: one error, no training
     return config
 
 

@@ -116,3 +116,24 @@ def tiny_model_factory(tiny_size, tiny_tokenizer):
         return model.eval()
 
     return build
+
+
+# ---- object storage ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server on 127.0.0.1 (moto) with bucket ``aki-ci`` and credentials it checks."""
+    from s3_server import start_s3_server
+
+    server = start_s3_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch):
+    """This process pointed at :func:`s3_server` through the standard variables; returns the server."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server

@@ -35,7 +35,7 @@ def jpeg(color: str, side: int) -> bytes:
 
 
 def write_dataset(folder: str | os.PathLike, tokenizer, kind: str, n: int, num_visual_tokens: int = 4,
-                  image_size: int = 32, text_only_every: int = 0) -> str:
+                  image_size: int = 32, text_only_every: int = 0, shard_size: int = 1 << 14) -> str:
     """An MDS dataset folder (+ manifest.json) of synthetic colour samples.
 
     ``kind``: "pt" (``<image>a {colour} square``) or "sft" (question about the colour; every
@@ -50,7 +50,7 @@ def write_dataset(folder: str | os.PathLike, tokenizer, kind: str, n: int, num_v
     names = list(COLORS)
     manifest = Manifest(source=kind, num_visual_tokens=num_visual_tokens, image_size=image_size,
                         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
-    with MDSWriter(out=str(folder), columns=MDS_COLUMNS, size_limit=1 << 14) as writer:
+    with MDSWriter(out=str(folder), columns=MDS_COLUMNS, size_limit=shard_size) as writer:
         for i in range(n):
             color = names[i % len(names)]
             images = [jpeg(color, image_size)]

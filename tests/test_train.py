@@ -7,7 +7,9 @@ Runs are shared between tests (each costs a process launch):
   (a damaged newer checkpoint is planted first), must reproduce A step for step;
 * F  — 1 rank resuming A's 2-rank checkpoint (universal conversion) for one step;  G — 2 ranks again
   from F's checkpoint; both must give A's losses;
-* H  — SFT from A's export, with a non-finite loss injected on one step.
+* H  — SFT from A's export, with a non-finite loss injected on one step;
+* S  — A's recipe streamed from an S3 bucket (moto on 127.0.0.1) through a small evicting cache,
+  stopped at step 3 and resumed on an emptied cache: A's losses, data and weights, and no secret on disk.
 """
 from __future__ import annotations
 
@@ -40,10 +42,13 @@ def world(tmp_path_factory, tiny_tokenizer_path):
 
     root = tmp_path_factory.mktemp("train")
     tok = load_tokenizer(tiny_tokenizer_path)
-    data = {"pt": write_dataset(root / "pt", tok, "pt", 64), "sft": write_dataset(root / "sft", tok, "sft", 32)}
+    # Small shards (16 of them), so that a cache of four shards must evict while a run streams them.
+    data = {"pt": write_dataset(root / "pt", tok, "pt", 64, shard_size=1 << 12),
+            "sft": write_dataset(root / "sft", tok, "sft", 32)}
     common = ["--set", f"model.tokenizer={tiny_tokenizer_path}"]
     return {"root": root, "tok": tok, "pt": common + ["--set", f"data.datasets=[{{path: {data['pt']}}}]"],
-            "sft": ["--set", f"data.datasets=[{{path: {data['sft']}}}]"]}
+            "sft": ["--set", f"data.datasets=[{{path: {data['sft']}}}]"], "pt_folder": Path(data["pt"]),
+            "tokenizer": common}
 
 
 def train(world, name: str, args: list[str], nproc: int = 2, probe: bool = False, env=None):
@@ -223,3 +228,106 @@ def test_zero2_single_process_run_exports_a_loadable_model(world):
     model = AKIModel.from_pretrained(out / "export")
     with torch.no_grad():
         assert torch.isfinite(model(**probe_batch(world["tok"]), return_logits=True).logits).all()
+
+
+@pytest.fixture(scope="module")
+def bucket_pt(world, s3_server) -> str:
+    """The dataset of run A, in the S3 bucket; returns its URL."""
+    s3 = s3_server.client()
+    for path in sorted(world["pt_folder"].iterdir()):
+        s3.upload_file(str(path), s3_server.bucket, f"train/pt/{path.name}")
+    return s3_server.url("train", "pt")
+
+
+def test_training_streams_from_a_bucket_through_an_evicting_cache_and_resumes_exactly(run_a, world, s3_server,
+                                                                                       bucket_pt):
+    import json
+
+    shards = json.loads((world["pt_folder"] / "index.json").read_text())["shards"]
+    shard_bytes = [s["raw_data"]["bytes"] for s in shards]
+    limit = 4 * max(shard_bytes)                                 # streaming's smallest allowed cache
+    assert len(shards) >= 8 and limit < sum(shard_bytes)
+    cache = world["root"] / "S-cache"
+    args = PT + world["tokenizer"] + ["--set", f"data.datasets=[{{remote: {bucket_pt}}}]",
+                                      "--set", f"data.cache_dir={cache}", "--set", f"data.cache_limit={limit}"]
+    env = {**s3_server.env(), "WANDB_MODE": "offline"}
+    out, first = train(world, "S", args + ["--stop-at-step", "3"], env=env)
+    assert first.returncode == 0, show(first)
+    assert sorted(losses(out)) == [1, 2, 3]
+    shutil.rmtree(cache)                                         # resumed on a node with an empty cache
+    _, second = train(world, "S", args + ["--resume", "auto"], env=env)
+    assert second.returncode == 0, show(second)
+
+    assert digests(out) == digests(run_a)                        # the same samples, step for step
+    assert losses(out) == pytest.approx(losses(run_a), rel=1e-6, abs=1e-6)
+    assert (out / "export" / "model.safetensors").read_bytes() == (run_a / "export" / "model.safetensors").read_bytes()
+    cached = [p.stat().st_size for p in cache.rglob("shard.*.mds")]
+    assert 0 < sum(cached) <= limit and len(cached) < len(shards), "the cache was not bounded by evicting"
+    secret = s3_server.secret_key.encode()
+    leaked = [p for p in out.rglob("*") if p.is_file() and secret in p.read_bytes()]
+    assert not leaked and secret.decode() not in first.stdout + first.stderr + second.stdout + second.stderr, leaked
+
+
+def test_a_wrong_secret_is_one_clear_error_before_any_distributed_work(world, s3_server, tmp_path):
+    import os
+
+    args = PT + world["tokenizer"] + ["--set", f"data.datasets=[{{remote: {s3_server.url('train', 'pt')}}}]",
+                                      "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args, "--output-dir", str(tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **s3_server.env(secret_key="wrong-secret"), "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 2, show(proc)
+    assert proc.stderr.count("error:") == 1 and "access denied" in proc.stderr, show(proc)
+    assert "AWS_SECRET_ACCESS_KEY" in proc.stderr and "wrong-secret" not in proc.stderr + proc.stdout
+    assert "init_distributed" not in proc.stdout + proc.stderr and not (tmp_path / "run").exists()
+
+
+def _steps_logged(out: Path) -> int:
+    try:
+        return len(read_metrics(out)) if (out / "metrics.jsonl").exists() else 0
+    except ValueError:                  # a line being written
+        return 0
+
+
+def test_two_nodes_train_like_one_and_survive_usr1_save_requeue_resume(run_a, world, s3_server, bucket_pt, tmp_path):
+    """slurm/pretrain.sbatch on 2 nodes x 1 CPU rank, through tests/fake_slurm.py as srun and scontrol
+    (slurm/README.md says why not two slurmd): c10d rendezvous on the first node, a cache per node."""
+    import os
+
+    from dist_utils import free_port
+    from fake_slurm import install
+
+    run_dir, nodes = tmp_path / "run", tmp_path / "nodes"
+    env = {**os.environ, **s3_server.env(), "PATH": f"{install(str(tmp_path / 'bin'))}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_SLURM_ROOT": str(nodes), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", "RDZV_PORT": str(free_port()), "AKI_ROOT": str(REPO),
+           "AKI_PYTHON": sys.executable, "RECIPE": "tiny_pt", "OUTPUT_DIR": str(run_dir), "CPU_PROCS_PER_NODE": "1",
+           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = ["bash", str(REPO / "slurm" / "pretrain.sbatch"), *PT[2:], *world["tokenizer"],
+           "--set", f"data.datasets=[{{remote: {bucket_pt}}}]", "--set", "data.num_canonical_nodes=1"]
+    log = tmp_path / "job.out"
+    with open(log, "wb") as out:
+        job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while _steps_logged(run_dir) < 2:                       # mid-training: a few steps done
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
+            time.sleep(0.2)
+        job.send_signal(signal.SIGUSR1)                          # the preemption warning to the batch shell
+        job.wait(timeout=180)
+    first = log.read_text()
+    assert (nodes / "requeued").read_text() == "4242\n", first[-6000:]
+    stopped = max(losses(run_dir))
+    assert 2 <= stopped < 6 and ckpt.latest_complete(run_dir).name == ckpt.step_tag(stopped), first[-6000:]
+
+    second = subprocess.run(cmd, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
+                            text=True, timeout=240)
+    assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-6000:]
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]   # every step exactly once
+    assert digests(run_dir) == digests(run_a)                    # the one-node 2-rank run's data ...
+    assert losses(run_dir) == pytest.approx(losses(run_a), rel=1e-6, abs=1e-6)   # ... and losses
+    both = first + second.stdout + second.stderr
+    assert "launch: 2 node(s) x 1 process(es)" in both and "rendezvous 127.0.0.1:" in both, both[-4000:]
+    assert "0: [rank0]:" in both and "1: [rank1]:" in both, both[-4000:]    # global ranks on node ids 0, 1
+    for node in (0, 1):                                          # each node filled its own cache
+        assert list((nodes / f"node{node}" / "tmp" / "aki-stream-cache").rglob("shard.*.mds")), node

@@ -12,7 +12,9 @@ the source's ``files``; relative paths are relative to the sources file)::
       splits: scienceqa/pid_splits.json
       images: scienceqa/images
 
-A finished source folder (done marker) is skipped on a re-run unless ``overwrite`` is set.
+A finished source folder (done marker) is skipped on a re-run unless ``overwrite`` is set. The output may
+be ``s3://bucket/prefix``: each source is written to a local staging folder and uploaded by MDS as it
+goes; ``mixture.yaml`` is uploaded beside the sources last.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ from typing import Mapping
 import yaml
 from tqdm import tqdm
 
-from data_prep.mixture import resolve_ratios, write_mixture
+from data_prep.mixture import MIXTURE_FILE, resolve_ratios, write_mixture
 from data_prep.sft import SftOptions, get_sft_source
 from data_prep.writer import (SHARD_SIZE_LIMIT, START_METHOD, DatasetWriter, EncodeSettings, cached_converter,
-                              check_reusable, convert_item, is_done)
-from pipeline.data.format import Manifest, read_manifest
+                              check_reusable, convert_item, fetch_folder_file, is_done)
+from pipeline.data import remote as storage
+from pipeline.data.format import MANIFEST_NAME, Manifest, read_manifest
 
 
 def read_sources_file(path: str) -> dict[str, dict[str, str]]:
@@ -54,8 +57,8 @@ def read_sources_file(path: str) -> dict[str, dict[str, str]]:
 
 def build_source(name: str, paths: Mapping[str, str], out_dir: str, settings: EncodeSettings,
                  options: SftOptions = SftOptions(), workers: int = 1,
-                 size_limit: str | int = SHARD_SIZE_LIMIT) -> Manifest:
-    """Parse one source and write ``out_dir/<name>`` (MDS + manifest)."""
+                 size_limit: str | int = SHARD_SIZE_LIMIT, remote_dir: str | None = None) -> Manifest:
+    """Parse one source and write ``out_dir/<name>`` (MDS + manifest), uploaded to ``remote_dir/<name>``."""
     source = get_sft_source(name)
     converter = cached_converter(settings)
     manifest = converter.new_manifest(name, source.license, options=dataclasses.asdict(options))
@@ -64,7 +67,8 @@ def build_source(name: str, paths: Mapping[str, str], out_dir: str, settings: En
     pool = multiprocessing.get_context(START_METHOD).Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(convert, items, chunksize=64) if pool else map(convert, items)
-        with DatasetWriter(os.path.join(out_dir, name), manifest, size_limit) as writer:
+        with DatasetWriter(os.path.join(out_dir, name), manifest, size_limit,
+                           storage.join(remote_dir, name) if remote_dir else None) as writer:
             for result in tqdm(results, desc=name, unit="sample"):
                 writer.add(result)
     finally:
@@ -75,26 +79,39 @@ def build_source(name: str, paths: Mapping[str, str], out_dir: str, settings: En
 
 def build_sft_mixture(sources: Mapping[str, Mapping[str, str]], out_dir: str, settings: EncodeSettings,
                       options: SftOptions = SftOptions(), ratios: Mapping[str, float] = {},
-                      workers: int = 1, overwrite: bool = False) -> str:
-    """Build every source in ``sources`` (skipping finished ones) and write ``mixture.yaml``."""
+                      workers: int = 1, overwrite: bool = False, staging: str | None = None) -> str:
+    """Build every source in ``sources`` (skipping finished ones) and write ``mixture.yaml``.
+
+    ``out_dir`` may be an ``s3://`` URL; ``staging`` is then the local folder written before the upload
+    (default: :func:`pipeline.data.remote.staging_folder`). Returns where ``mixture.yaml`` was written.
+    """
     if not sources:
         raise ValueError("no SFT sources given; list them in the sources file (see data_prep/sft/build.py)")
     resolved = resolve_ratios(list(sources), ratios)      # fail on bad ratios before hours of work
-    os.makedirs(out_dir, exist_ok=True)
+    remote_dir = out_dir if storage.is_remote(out_dir) else None
+    if remote_dir:
+        storage.check_bucket(remote_dir)
+    local_dir = (staging or storage.staging_folder(remote_dir)) if remote_dir else out_dir
+    os.makedirs(local_dir, exist_ok=True)
     samples = {}
     for name, paths in sources.items():
-        folder = os.path.join(out_dir, name)
+        folder = storage.join(out_dir, name)
         if is_done(folder) and not overwrite:
+            part_staging = os.path.join(local_dir, name)
             check_reusable(folder, cached_converter(settings).new_manifest(
-                name, "", options=dataclasses.asdict(options)))
+                name, "", options=dataclasses.asdict(options)), part_staging)
             print(f"{name}: already built in {folder}; skipping (pass --overwrite to rebuild)")
-            manifest = read_manifest(folder)
+            manifest = read_manifest(fetch_folder_file(folder, MANIFEST_NAME, part_staging))
         else:
-            manifest = build_source(name, paths, out_dir, settings, options, workers)
+            manifest = build_source(name, paths, local_dir, settings, options, workers, remote_dir=remote_dir)
         samples[name] = manifest.samples
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skipped.items())) or "none"
         print(f"{name}: {manifest.samples} samples, {manifest.tokens} tokens; skipped: {skipped}")
-    return write_mixture(out_dir, resolved, samples)
+    path = write_mixture(local_dir, resolved, samples)
+    if remote_dir:
+        path = storage.join(remote_dir, MIXTURE_FILE)
+        storage.upload(os.path.join(local_dir, MIXTURE_FILE), path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,12 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from data_prep.mixture import parse_ratio_overrides, read_ratio_yaml
-    from data_prep.writer import add_encode_args, settings_from_args
+    from data_prep.writer import add_encode_args, add_output_args, settings_from_args
 
     parser = argparse.ArgumentParser(description="Build one MDS dataset per SFT source and mixture.yaml.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sources", required=True, help="YAML: source name → its file paths (see module doc)")
-    parser.add_argument("--out", required=True, help="output folder (one sub-folder per source + mixture.yaml)")
+    add_output_args(parser, "folder (one sub-folder per source + mixture.yaml)")
     parser.add_argument("--only", default="", help="comma-separated subset of the sources file to build")
     parser.add_argument("--ratio", action="append", default=[], metavar="NAME=VALUE",
                         help="override a Table 4 sampling ratio (repeatable)")
@@ -131,5 +148,5 @@ def main(argv: list[str] | None = None) -> None:
     ratios = {**(read_ratio_yaml(args.ratios_yaml) if args.ratios_yaml else {}), **parse_ratio_overrides(args.ratio)}
     options = SftOptions(args.shuffle_options, args.seed, args.whole_conversations, args.split)
     path = build_sft_mixture(sources, args.out, settings_from_args(args), options, ratios, args.workers,
-                             args.overwrite)
+                             args.overwrite, args.staging)
     print(f"wrote {path}")

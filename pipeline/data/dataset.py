@@ -1,7 +1,8 @@
 """The training data loader: the mixture's MDS streams → decoded samples → collated micro batches.
 
 ``streaming.StreamingDataset`` does the heavy lifting: one ``Stream(local=folder, proportion=p)`` per
-dataset folder, deterministic shuffling from a seed (the same order on any number of ranks), sharding
+dataset folder (``Stream(remote=s3://..., local=cache)`` for a dataset in object storage, downloaded into
+a per-node cache that ``data.cache_limit`` bounds by evicting shards), deterministic shuffling from a seed (the same order on any number of ranks), sharding
 over ranks and workers, and a resumable position. :class:`AKIStreamingDataset` only decodes each stored
 sample (JPEG bytes → ``pixel_values`` with the model's image processor), and
 :class:`AKIDataLoader` (a ``StreamingDataLoader``) collates with :class:`pipeline.data.collate.Collator`
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from pipeline.config import Config, DataConfig, resolve_path
+from pipeline.config import Config, DataConfig, DatasetSource, resolve_path
+from pipeline.data import remote as storage
 from pipeline.data.collate import SKIP_KEY, Collator
-from pipeline.data.format import check_manifest, read_manifest, split_images
+from pipeline.data.format import MANIFEST_NAME, Manifest, check_manifest, read_manifest, split_images
 from pipeline.model.sizes import get_model_size
 from pipeline.recipes import ConfigError, parse_proportion
 from pipeline.tokens import IMAGE
@@ -35,28 +37,34 @@ ImageProcessorFn = Callable[[Sequence[bytes]], torch.Tensor]
 
 @dataclasses.dataclass(frozen=True)
 class StreamSource:
-    """One dataset folder to stream and its sampling proportion."""
+    """One dataset folder to stream and its sampling proportion; ``remote``: the URL ``local`` caches."""
 
     name: str
     local: str
     proportion: float
+    remote: str | None = None
 
 
 def resolve_sources(data: DataConfig) -> list[StreamSource]:
-    """The streams of ``data``: from the mixture file (data_prep.mixture) or the ``datasets`` list."""
+    """The streams of ``data``: from the mixture file (data_prep.mixture) or the ``datasets`` list.
+
+    A mixture in a bucket is downloaded into the cache; its datasets are streamed from beside it.
+    """
     if data.mixture is not None:
         from data_prep.mixture import load_mixture
 
-        path = str(resolve_path(data.mixture))
+        path = data.mixture if storage.is_remote(data.mixture) else str(resolve_path(data.mixture))
         try:
-            entries = load_mixture(path)
+            local_path = storage.fetch(path, storage.cache_folder(path, data.cache_dir))
+            entries = load_mixture(local_path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"config `data.mixture`: cannot read {path}: {e}") from None
         sources = [StreamSource(name, local, parse_proportion(p, f"{path}: stream {name!r} proportion"))
                    for name, local, p in entries]
+        if storage.is_remote(path):     # entries are relative to the mixture file: the same in the bucket
+            sources = [_beside(s, path, os.path.dirname(local_path), data.cache_dir) for s in sources]
     elif data.datasets:
-        sources = [StreamSource(s.name or os.path.basename(os.path.normpath(s.path)), str(resolve_path(s.path)),
-                                s.proportion) for s in data.datasets]
+        sources = [_dataset_source(s, data.cache_dir) for s in data.datasets]
     else:
         raise ConfigError("config has no data: set `data.mixture` or `data.datasets`")
     sources = [s for s in sources if s.proportion > 0]
@@ -65,10 +73,43 @@ def resolve_sources(data: DataConfig) -> list[StreamSource]:
     return sources
 
 
+def _dataset_source(s: DatasetSource, cache_dir: str | None) -> StreamSource:
+    """The stream of one ``data.datasets`` entry: a local folder, or a URL and its cache folder."""
+    if s.remote is None:
+        assert s.path is not None
+        return StreamSource(s.name or os.path.basename(os.path.normpath(s.path)), str(resolve_path(s.path)),
+                            s.proportion)
+    local = str(resolve_path(s.local)) if s.local else storage.cache_folder(s.remote, cache_dir)
+    return StreamSource(s.name or s.remote.rstrip("/").rsplit("/", 1)[-1], local, s.proportion, s.remote)
+
+
+def _beside(source: StreamSource, mixture_url: str, fetched_dir: str, cache_dir: str | None) -> StreamSource:
+    """A stream of a mixture read from a bucket: its folder is relative to the mixture's URL."""
+    url = storage.join(mixture_url.rsplit("/", 1)[0], os.path.relpath(source.local, fetched_dir))
+    return dataclasses.replace(source, remote=url, local=storage.cache_folder(url, cache_dir))
+
+
+def source_manifest(source: StreamSource) -> Manifest:
+    """The manifest of a stream; a remote one is downloaded into its cache folder first."""
+    if source.remote is not None:
+        storage.download(storage.join(source.remote, MANIFEST_NAME), os.path.join(source.local, MANIFEST_NAME))
+    return read_manifest(source.local)
+
+
+def check_data_access(data: DataConfig) -> None:
+    """Read the mixture and every stream's manifest, so that a missing bucket, a wrong credential or a
+    wrong prefix is one clear error before training starts (raises ConfigError)."""
+    for source in resolve_sources(data):
+        try:
+            source_manifest(source)
+        except (OSError, storage.RemoteError) as err:
+            raise ConfigError(f"data stream {source.name!r}: {err}") from None
+
+
 def check_sources(sources: Sequence[StreamSource], num_visual_tokens: int, fingerprint: str) -> None:
     """Refuse dataset folders built for another N or tokenizer (reads each manifest.json)."""
     for source in sources:
-        check_manifest(read_manifest(source.local), source.local, num_visual_tokens, fingerprint)
+        check_manifest(source_manifest(source), source.remote or source.local, num_visual_tokens, fingerprint)
 
 
 class AKIStreamingDataset(StreamingDataset):
@@ -121,11 +162,12 @@ def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: I
         from pipeline.model.images import ImageProcessor
 
         image_processor = ImageProcessor(size.image_size)
-    streams = [Stream(local=s.local, proportion=s.proportion) for s in sources]
+    streams = [Stream(remote=s.remote, local=s.local, proportion=s.proportion) for s in sources]
     return AKIStreamingDataset(
         image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
         streams=streams, batch_size=config.train.micro_batch_size, shuffle=config.data.shuffle,
-        shuffle_seed=config.data.shuffle_seed)
+        shuffle_seed=config.data.shuffle_seed, cache_limit=config.data.cache_limit,
+        num_canonical_nodes=config.data.num_canonical_nodes)
 
 
 def build_collator(config: Config, pad_id: int) -> Collator:
@@ -152,4 +194,4 @@ def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProce
 
 
 __all__ = ["AKIDataLoader", "AKIStreamingDataset", "StreamSource", "build_collator", "build_dataloader",
-           "build_dataset", "check_sources", "resolve_sources"]
+           "build_dataset", "check_data_access", "check_sources", "resolve_sources", "source_manifest"]

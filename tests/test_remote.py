@@ -1,0 +1,112 @@
+"""Datasets in S3-compatible object storage: prep uploads, resumes and merges in the bucket; training
+reads the mixture and the manifests from it; a missing bucket or a wrong secret is one clear error.
+
+Each test talks to a real S3 API: moto's standalone server on 127.0.0.1 (tests/s3_server.py), which
+checks the request signatures. Training from the bucket (cache eviction, stop and exact resume) is in
+tests/test_train.py, the two-node launch in tests/test_multinode.py.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+from streaming import Stream, StreamingDataset
+
+from data_prep import pretrain
+from data_prep.pretrain import build_pretrain
+from data_prep.sft.build import build_sft_mixture, read_sources_file
+from data_prep.synthetic import generate_world
+from data_prep.writer import DONE_MARKER, EncodeSettings
+from pipeline.config import DataConfig, DatasetSource
+from pipeline.data.dataset import check_data_access, resolve_sources
+from pipeline.data.remote import RemoteError
+from pipeline.recipes import ConfigError
+
+
+def local_files(folder) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder).replace(os.sep, "/")] = open(path, "rb").read()
+    return out
+
+
+def bucket_files(server, prefix: str) -> dict[str, bytes]:
+    s3 = server.client()
+    return {key[len(prefix) + 1:]: s3.get_object(Bucket=server.bucket, Key=key)["Body"].read()
+            for key in server.keys(prefix + "/")}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(str(tmp_path_factory.mktemp("world")), seed=2, num_pretrain=8, num_sft=6,
+                          num_eval=0, per_tar=4)
+
+
+def test_pretrain_prep_uploads_the_local_bytes_merges_in_the_bucket_and_resumes_without_duplicates(
+        tmp_path, tiny_tokenizer_path, world, s3_env, monkeypatch):
+    settings = EncodeSettings(tiny_tokenizer_path, "tiny", 128)
+    local = build_pretrain([world.kale], str(tmp_path / "local"), "kale", settings, workers=1, tars_per_part=1)
+    url, staging = s3_env.url("pt", "kale"), str(tmp_path / "staging")
+    # Two array tasks: the first leaves the index unmerged, the second (last to finish) merges in the bucket.
+    assert build_pretrain([world.kale], url, "kale", settings, workers=1, tars_per_part=1, job_index=0,
+                          num_jobs=2, staging=staging) is None
+    assert "pt/kale/index.json" not in s3_env.keys("pt/")
+    merged = build_pretrain([world.kale], url, "kale", settings, workers=1, tars_per_part=1, job_index=1,
+                            num_jobs=2, staging=staging)
+    assert merged == local and merged.samples == 8
+    expected = local_files(tmp_path / "local")
+    assert {"index.json", "manifest.json", "part-00002/_DONE"} <= set(expected)
+    assert bucket_files(s3_env, "pt/kale") == expected        # every shard, index and manifest, byte for byte
+
+    # An interrupted part (its done marker never arrived) is redone under the same names; finished ones
+    # are not touched, and the merge job (the command line, no job index) rewrites the merged index.
+    s3_env.client().delete_object(Bucket=s3_env.bucket, Key=f"pt/kale/part-00001/{DONE_MARKER}")
+    rebuilt, build_part = [], pretrain.build_part
+    monkeypatch.setattr(pretrain, "build_part", lambda job: rebuilt.append(job.remote) or build_part(job))
+    pretrain.main([world.kale, "--source", "kale", "--out", url, "--staging", staging, "--tokenizer",
+                   tiny_tokenizer_path, "--model-size", "tiny", "--tars-per-part", "1", "--workers", "1"])
+    assert rebuilt == [s3_env.url("pt", "kale", "part-00001")]
+    assert bucket_files(s3_env, "pt/kale") == expected
+
+
+def test_sft_mixture_in_a_bucket_is_read_back_by_training(tmp_path, tiny_tokenizer_path, world, s3_env):
+    sources = read_sources_file(world.sources_yaml)
+    sources = {k: sources[k] for k in ("vqav2", "llava150k")}
+    settings = EncodeSettings(tiny_tokenizer_path, "tiny", 512)
+    local_mixture = build_sft_mixture(sources, str(tmp_path / "local"), settings, ratios={"vqav2": 0.7,
+                                                                                           "llava150k": 0.3})
+    url = s3_env.url("sft")
+    assert build_sft_mixture(sources, url, settings, ratios={"vqav2": 0.7, "llava150k": 0.3},
+                             staging=str(tmp_path / "staging")) == url + "/mixture.yaml"
+    assert bucket_files(s3_env, "sft") == local_files(tmp_path / "local")
+
+    data = DataConfig(mixture=url + "/mixture.yaml", cache_dir=str(tmp_path / "cache"))
+    remote = resolve_sources(data)
+    assert [(s.name, s.remote) for s in remote] == [("vqav2", url + "/vqav2"), ("llava150k", url + "/llava150k")]
+    assert all(s.local.startswith(str(tmp_path / "cache")) for s in remote)
+    check_data_access(data)
+    local = resolve_sources(DataConfig(mixture=local_mixture))
+    assert [s.proportion for s in remote] == [s.proportion for s in local]
+
+    def ids(sources):
+        streams = [Stream(remote=s.remote, local=s.local, proportion=s.proportion) for s in sources]
+        return [row["id"] for row in StreamingDataset(streams=streams, batch_size=1, shuffle=True, shuffle_seed=5)]
+
+    assert ids(remote) == ids(local)
+
+
+def test_missing_bucket_or_wrong_secret_is_one_clear_error(tmp_path, s3_env, monkeypatch):
+    missing = DataConfig(datasets=[DatasetSource(remote="s3://no-such-bucket/pt")], cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist"):
+        check_data_access(missing)
+    with pytest.raises(ConfigError, match=r"s3://aki-ci/nothing/here/manifest.json does not exist"):
+        check_data_access(DataConfig(datasets=[DatasetSource(remote=s3_env.url("nothing", "here"))],
+                                     cache_dir=str(tmp_path)))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(ConfigError, match="access denied .*AWS_SECRET_ACCESS_KEY") as err:
+        check_data_access(DataConfig(datasets=[DatasetSource(remote=s3_env.url("pt"))], cache_dir=str(tmp_path)))
+    assert "not-the-secret" not in str(err.value) and s3_env.secret_key not in str(err.value)
+    with pytest.raises(RemoteError, match="access denied"):
+        build_pretrain(["unused.tar"], s3_env.url("x"), "kale", EncodeSettings("unused", "tiny", 8))
