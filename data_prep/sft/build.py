@@ -31,6 +31,7 @@ from data_prep.mixture import MIXTURE_FILE, resolve_ratios, write_mixture
 from data_prep.sft import SftOptions, get_sft_source
 from data_prep.writer import (SHARD_SIZE_LIMIT, START_METHOD, DatasetWriter, EncodeSettings, cached_converter,
                               check_reusable, convert_item, fetch_folder_file, is_done)
+from pipeline.chat import get_layout
 from pipeline.data import remote as storage
 from pipeline.data.format import MANIFEST_NAME, Manifest, read_manifest
 
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         sources = {n: sources[n] for n in wanted}
     ratios = {**(read_ratio_yaml(args.ratios_yaml) if args.ratios_yaml else {}), **parse_ratio_overrides(args.ratio)}
     options = SftOptions(args.shuffle_options, args.seed, args.whole_conversations, args.split)
+    if args.whole_conversations and get_layout(args.text_layout).single_turn:
+        raise SystemExit(f"--whole-conversations needs a multi-turn text layout, but --text-layout "
+                         f"{args.text_layout} holds one turn per sample; drop the flag or pass --text-layout phi3_chat")
     path = build_sft_mixture(sources, args.out, settings_from_args(args), options, ratios, args.workers,
                              args.overwrite, args.staging)
     print(f"wrote {path}")

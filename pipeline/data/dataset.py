@@ -2,8 +2,8 @@
 
 ``streaming.StreamingDataset`` does the heavy lifting: one ``Stream(local=folder, proportion=p)`` per
 dataset folder (``Stream(remote=s3://..., local=cache)`` for a dataset in object storage, downloaded into
-a per-node cache that ``data.cache_limit`` bounds by evicting shards), deterministic shuffling from a seed (the same order on any number of ranks), sharding
-over ranks and workers, and a resumable position. :class:`AKIStreamingDataset` only decodes each stored
+a per-node cache that ``data.cache_limit`` bounds by evicting shards), deterministic shuffling from a seed
+(the same order on any number of ranks), sharding over ranks and workers, and a resumable position. :class:`AKIStreamingDataset` only decodes each stored
 sample (JPEG bytes → ``pixel_values`` with the model's image processor), and
 :class:`AKIDataLoader` (a ``StreamingDataLoader``) collates with :class:`pipeline.data.collate.Collator`
 and counts consumed samples, so ``state_dict()`` / ``load_state_dict()`` resume at the exact sample.
@@ -106,10 +106,12 @@ def check_data_access(data: DataConfig) -> None:
             raise ConfigError(f"data stream {source.name!r}: {err}") from None
 
 
-def check_sources(sources: Sequence[StreamSource], num_visual_tokens: int, fingerprint: str) -> None:
+def check_sources(sources: Sequence[StreamSource], num_visual_tokens: int, fingerprint: str,
+                  text_layout: str) -> None:
     """Refuse dataset folders built for another N or tokenizer (reads each manifest.json)."""
     for source in sources:
-        check_manifest(source_manifest(source), source.remote or source.local, num_visual_tokens, fingerprint)
+        check_manifest(source_manifest(source), source.remote or source.local, num_visual_tokens, fingerprint,
+                       text_layout)
 
 
 class AKIStreamingDataset(StreamingDataset):
@@ -157,7 +159,7 @@ def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: I
     size = get_model_size(config.model.size)
     sources = resolve_sources(config.data)
     if check:
-        check_sources(sources, size.num_visual_tokens, tokenizer_fingerprint)
+        check_sources(sources, size.num_visual_tokens, tokenizer_fingerprint, config.model.text_layout)
     if image_processor is None:
         from pipeline.model.images import ImageProcessor
 
