@@ -273,10 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size-limit", default=SHARD_SIZE_LIMIT, help="MDS shard size limit")
     add_encode_args(parser, default_max_text_tokens=128)
     args = parser.parse_args(argv)
-    manifest = build_pretrain(args.inputs, args.out, args.source, settings_from_args(args),
-                              CaptionOptions(args.ocr_granularity, args.ocr_include_raw_caption),
-                              args.workers, args.tars_per_part, args.job_index, args.num_jobs,
-                              args.shard_size_limit, args.staging)
+    try:
+        manifest = build_pretrain(args.inputs, args.out, args.source, settings_from_args(args),
+                                  CaptionOptions(args.ocr_granularity, args.ocr_include_raw_caption),
+                                  args.workers, args.tars_per_part, args.job_index, args.num_jobs,
+                                  args.shard_size_limit, args.staging)
+    except storage.RemoteError as err:          # bucket missing, credentials wrong: no traceback
+        raise SystemExit(f"error: {err}") from None
     if manifest is not None:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skipped.items())) or "none"
         print(f"{args.out}: {manifest.samples} samples, {manifest.tokens} tokens, "

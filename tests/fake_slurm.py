@@ -4,7 +4,8 @@ Installed under both names in a folder on PATH (:func:`install`), it lets the re
 ``slurm/pretrain.sbatch`` and ``slurm/common.sh`` run their multi-node path unchanged:
 
 * ``srun --nodes=N ... CMD``: starts CMD once per node, each in its own session with ``SLURM_NODEID``,
-  ``SLURM_PROCID`` and its own ``TMPDIR`` (``$FAKE_SLURM_ROOT/node<i>/tmp``: the node-local disk), labels
+  ``SLURM_PROCID``, its own ``TMPDIR`` (``$FAKE_SLURM_ROOT/node<i>/tmp``: the node-local disk) and its own
+  ``/dev/shm`` (a private mount: needs root), labels
   every output line with the node index like ``srun --label``, passes USR1/TERM to every process of the
   step (as srun does), and with ``--kill-on-bad-exit`` ends the step when a node fails;
 * ``scontrol show hostnames``: 127.0.0.1 once per node; ``scontrol requeue ID``: records the requeue in
@@ -25,6 +26,13 @@ def _pump(stream, node: int, out) -> None:
         out.flush()
 
 
+def _own_shared_memory(command: list[str]) -> list[str]:
+    """``command`` run with a private /dev/shm, as on its own host (streaming's per-node shared memory
+    would collide otherwise); needs root and util-linux ``unshare``."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "node", *command]
+
+
 def srun(args: list[str]) -> int:
     nodes, i = 1, 0
     while i < len(args) and args[i].startswith("-"):
@@ -38,7 +46,7 @@ def srun(args: list[str]) -> int:
         os.makedirs(tmp, exist_ok=True)
         env = {**os.environ, "SLURM_NODEID": str(node), "SLURM_PROCID": str(node), "SLURM_LOCALID": "0",
                "TMPDIR": tmp}
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(_own_shared_memory(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
         procs.append(proc)
         for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):

@@ -249,7 +249,7 @@ def test_training_streams_from_a_bucket_through_an_evicting_cache_and_resumes_ex
     assert len(shards) >= 8 and limit < sum(shard_bytes)
     cache = world["root"] / "S-cache"
     args = PT + world["tokenizer"] + ["--set", f"data.datasets=[{{remote: {bucket_pt}}}]",
-                                      "--set", f"data.cache_dir={cache}", "--set", f"data.cache_limit={limit}"]
+                                      "--set", f"data.cache_dir={cache}", "--set", f"data.cache_limit={limit}b"]
     env = {**s3_server.env(), "WANDB_MODE": "offline"}
     out, first = train(world, "S", args + ["--stop-at-step", "3"], env=env)
     assert first.returncode == 0, show(first)
@@ -296,6 +296,9 @@ def test_two_nodes_train_like_one_and_survive_usr1_save_requeue_resume(run_a, wo
 
     from dist_utils import free_port
     from fake_slurm import install
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("two nodes on one host need a private /dev/shm per node: run as root with util-linux unshare")
 
     run_dir, nodes = tmp_path / "run", tmp_path / "nodes"
     env = {**os.environ, **s3_server.env(), "PATH": f"{install(str(tmp_path / 'bin'))}{os.pathsep}{os.environ['PATH']}",

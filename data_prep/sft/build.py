@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.whole_conversations and get_layout(args.text_layout).single_turn:
         raise SystemExit(f"--whole-conversations needs a multi-turn text layout, but --text-layout "
                          f"{args.text_layout} holds one turn per sample; drop the flag or pass --text-layout phi3_chat")
-    path = build_sft_mixture(sources, args.out, settings_from_args(args), options, ratios, args.workers,
-                             args.overwrite, args.staging)
+    try:
+        path = build_sft_mixture(sources, args.out, settings_from_args(args), options, ratios, args.workers,
+                                 args.overwrite, args.staging)
+    except storage.RemoteError as err:          # bucket missing, credentials wrong: no traceback
+        raise SystemExit(f"error: {err}") from None
     print(f"wrote {path}")
