@@ -54,11 +54,19 @@ def srun(args: list[str]) -> int:
             pumps[-1].start()
 
     def forward(signum, _frame) -> None:
+        """Signal every process of the step, as srun does (torchrun starts its ranks in new sessions)."""
+        import psutil
+
         for proc in procs:
             try:
-                os.killpg(proc.pid, signum)
-            except ProcessLookupError:
-                pass
+                family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for member in family:
+                try:
+                    member.send_signal(signum)
+                except psutil.NoSuchProcess:
+                    pass
 
     signal.signal(signal.SIGUSR1, forward)
     signal.signal(signal.SIGTERM, forward)
