@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# DeepSpeed JIT-builds its CPU ops on first use; keep them with this environment (another venv's build flags
+# would otherwise make each environment rebuild the shared cache in turn).
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: test quickstart lint clean-venv
 

@@ -1,10 +1,13 @@
 """Batched generation with a KV cache, and a command line that answers a question about an image.
 
-The prompts (TEXT_INPUT + IMAGE, built by ``pipeline.chat``) are left-padded to one length and prefilled
-with the model's attention mode: its mask (PAD keys hidden) and its position ids (0 at each row's first
-real token; concentric for ``cca``). Each generated token is TEXT_TARGET: it attends causally to the whole
-prompt and to the tokens generated before it, at the position after its row's previous token. Decoding
-stops at the tokenizer's stop tokens (``<|end|>``, ``<|endofchunk|>``, EOS) or after ``max_new_tokens``.
+The prompts (built by ``pipeline.chat`` in the model's text layout: TEXT_INPUT + IMAGE, and in the
+``released`` layout the answer's leading ``\n`` as a TEXT_TARGET token, as the released model was trained)
+are left-padded to one length and prefilled with the model's attention mode: its mask (PAD keys hidden)
+and its position ids (0 at each row's first real token; concentric for ``cca``). Each generated token is
+TEXT_TARGET: it attends causally to the whole prompt and to the tokens generated before it, at the
+position after its row's previous token. Decoding stops at the tokenizer's stop tokens (EOS, which ends
+answers in the ``released`` layout; ``<|end|>`` in ``phi3_chat``; ``<|endofchunk|>``) or after
+``max_new_tokens``.
 This equals a single teacher-forced forward of prompt + answer with the answer marked TEXT_TARGET.
 
     python -m pipeline.generate --checkpoint EXPORT_DIR --image IMG.jpg --question "What is shown?"

@@ -128,8 +128,11 @@ def test_manifest_must_match_the_model(datasets, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"N=4 visual tokens .* model uses N=8"):
         build_dataloader(other, tiny_tokenizer)
     from pipeline.data.dataset import build_dataset
-    with pytest.raises(ValueError, match="was tokenized with tokenizer .* rebuild it"):
+    with pytest.raises(ValueError, match="was tokenized with tokenizer .* rebuild it with data_prep/.*--tokenizer"):
         build_dataset(config, "0123456789abcdef")
+    phi3 = load_config("tiny_pt", [f"data.datasets=[{{path: {datasets['a']}}}]", "model.text_layout=phi3_chat"])
+    with pytest.raises(ValueError, match="holds text in layout 'released' .* --text-layout phi3_chat"):
+        build_dataset(phi3, tokenizer_fingerprint(tiny_tokenizer))
     with pytest.raises(FileNotFoundError, match="manifest.json not found"):
         build_dataset(config_for((tmp_path, 1)), tokenizer_fingerprint(tiny_tokenizer))
 
