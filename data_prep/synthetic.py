@@ -230,8 +230,9 @@ def generate_world(out: str, seed: int = 0, num_pretrain: int = 512, num_sft: in
 
 def world_texts(seed: int = 0, num_scenes: int = 200) -> list[str]:
     """Every kind of text the world produces (captions, questions, answers, prompts), for a tokenizer."""
-    from data_prep.sft.common import SftOptions, TASK_INPUTS, lettered_options, task_input
+    from data_prep.sft.common import SftOptions, lettered_options
     from pipeline.chat import SYSTEM_MESSAGE
+    from pipeline.templates import TASK_INPUTS, task_input
 
     rng = _rng(seed, "texts")
     texts = [SYSTEM_MESSAGE, *TASK_INPUTS.values(), "Describe the image.", "There are shapes."]
