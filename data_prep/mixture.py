@@ -11,7 +11,7 @@ from typing import Mapping
 
 import yaml
 
-from pipeline.data.mixture import MIXTURE_FILE, load_mixture  # noqa: F401  (load_mixture: the reader)
+from pipeline.data.mixture import MIXTURE_FILE
 
 # Paper Table 4 (== sampling_weights in the AKI SFT config); sums to 1.
 TABLE4_RATIOS: dict[str, float] = {

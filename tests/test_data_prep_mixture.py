@@ -7,11 +7,11 @@ import pytest
 import yaml
 from streaming import Stream, StreamingDataset
 
-from data_prep.mixture import (TABLE4_RATIOS, load_mixture, parse_ratio_overrides, read_ratio_yaml,
-                               resolve_ratios, write_mixture)
+from data_prep.mixture import TABLE4_RATIOS, parse_ratio_overrides, read_ratio_yaml, resolve_ratios, write_mixture
 from data_prep.sft.build import build_sft_mixture, read_sources_file
 from data_prep.synthetic import generate_world
 from data_prep.writer import EncodeSettings
+from pipeline.data.mixture import load_mixture
 
 
 def test_table4_ratios_sum_to_one_and_match_the_paper():
