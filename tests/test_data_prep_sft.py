@@ -33,11 +33,12 @@ REGION = "Provide a short description for this region. "
 
 
 def chat_text(user_input: str, answer: str, images: int = 1) -> list[tuple[int, str]]:
-    """The text of a one-turn SFT sample, written out by hand, as ``(role, text)`` pieces; ``<image>``
-    marks an image's N slots. This literal is the one place the tests spell the layout."""
+    """The text of a one-turn SFT sample in the released layout, written out by hand, as ``(role, text)``
+    pieces; ``<image>`` marks an image's N slots. This literal is the one place the tests spell the layout:
+    BOS + text + EOS, the answer starts with the ``\n`` after ``<|assistant|>`` and ends with EOS."""
     return [(TEXT_INPUT, f"<s><|system|>\n{SYSTEM_MESSAGE}<|end|>\n<|user|>\n{'<image>' * images}"
-                         f"{chr(10) if images else ''}{user_input}<|end|>\n<|assistant|>\n"),
-            (TEXT_TARGET, f"{answer}<|end|>")]
+                         f"{chr(10) if images else ''}{user_input}<|end|>\n<|assistant|>"),
+            (TEXT_TARGET, f"\n{answer}<|endoftext|>")]
 
 
 def expected_tokens(tokenizer, pieces: list[tuple[int, str]]) -> tuple[list[int], list[int]]:
@@ -57,9 +58,8 @@ def expected_tokens(tokenizer, pieces: list[tuple[int, str]]) -> tuple[list[int]
 @pytest.fixture(scope="module")
 def env(tiny_tokenizer_path, tiny_tokenizer):
     """``build(tmp_path, name, paths, options)`` → ``(samples read back, manifest)``, and the tokenizer."""
-    settings = EncodeSettings(tiny_tokenizer_path, "tiny", 512)
-
-    def build(tmp_path, name, paths, options=SftOptions()):
+    def build(tmp_path, name, paths, options=SftOptions(), text_layout="released"):
+        settings = EncodeSettings(tiny_tokenizer_path, "tiny", 512, text_layout=text_layout)
         manifest = build_source(name, paths, str(tmp_path / "out"), settings, options)
         return read_back(str(tmp_path / "out" / name), tiny_tokenizer.pad_token_id), manifest
 
@@ -210,8 +210,7 @@ def test_option_shuffle_keeps_answer_and_never_mutates_the_record(tmp_path):
         [again] = source.samples(raw["question_id"], raw, paths, options)
         assert sample == again                                   # same seed → same order
         assert raw["choices"] == stored                          # the record is never shuffled in place
-        user, answer = sample.segments[-2].text, sample.segments[-1].text
-        letter = answer.removesuffix("<|end|>")
+        [(user, letter)] = sample.content.turns
         assert f"\n{letter}. cab\n" in user                      # the letter still names the correct option
         letters.add(letter)
     assert len(letters) > 1                                      # and shuffling does move it
@@ -364,10 +363,14 @@ def test_llava_one_sample_per_turn(tmp_path, env):
 
 
 def test_llava_whole_conversations(tmp_path, env):
-    samples, _ = env(tmp_path, "llava150k", llava_fixture(tmp_path), SftOptions(whole_conversations=True))
-    first_turn = chat_text("What are the colors of the bus?", "White and red.")
-    pieces = first_turn + [(TEXT_INPUT, "\n<|user|>\nWhat is on the back?<|end|>\n<|assistant|>\n"),
-                           (TEXT_TARGET, "An advertisement.<|end|>")]
+    """Whole conversations need a multi-turn layout: Phi-3 chat, whose answers end with <|end|>."""
+    samples, _ = env(tmp_path, "llava150k", llava_fixture(tmp_path), SftOptions(whole_conversations=True),
+                     text_layout="phi3_chat")
+    pieces = [(TEXT_INPUT, f"<s><|system|>\n{SYSTEM_MESSAGE}<|end|>\n<|user|>\n<image>\n"
+                           "What are the colors of the bus?<|end|>\n<|assistant|>\n"),
+              (TEXT_TARGET, "White and red.<|end|>"),
+              (TEXT_INPUT, "\n<|user|>\nWhat is on the back?<|end|>\n<|assistant|>\n"),
+              (TEXT_TARGET, "An advertisement.<|end|>")]
     ids, mods = expected_tokens(env.tokenizer, pieces)
     assert samples[0]["input_ids"].tolist() == ids and samples[0]["modality_ids"].tolist() == mods
 

@@ -41,6 +41,7 @@ from data_prep.mixture import resolve_ratios, write_mixture
 from data_prep.sft import SftOptions, get_sft_source
 from data_prep.writer import (SHARD_SIZE_LIMIT, START_METHOD, DatasetWriter, EncodeSettings, cached_converter,
                               check_reusable, convert_item, is_done)
+from pipeline.chat import get_layout
 from pipeline.data.format import Manifest, read_manifest
 
 
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, yaml.YAMLError) as err:
         parser.error(str(err))                                     # exit code 2
     options = SftOptions(args.shuffle_options, args.seed, args.whole_conversations, args.split)
+    if args.whole_conversations and get_layout(args.text_layout).single_turn:
+        parser.error(f"--whole-conversations needs a multi-turn text layout, but --text-layout {args.text_layout} "
+                     "holds one turn per sample; drop the flag or pass --text-layout phi3_chat")
     try:
         path = build_sft_mixture(sources, args.out, settings, options, ratios, args.workers, args.overwrite)
     except SourceFailed as err:
