@@ -17,7 +17,7 @@ import numpy as np
 from streaming import MDSWriter
 
 from data_prep.images import ImageError, read_image_file, to_encoder_jpeg
-from data_prep.records import CONVERSION_ERROR, OVER_LENGTH, WRITE_ERROR, Parsed, Skip
+from data_prep.records import CONVERSION_ERROR, OVER_LENGTH, WRITE_ERROR, Parsed, Sample, Skip
 from pipeline.chat import DEFAULT_LAYOUT, LAYOUTS, OverLength, encode, get_layout
 from pipeline.data.format import MDS_COLUMNS, Manifest, join_images
 from pipeline.model.sizes import get_model_size
@@ -62,9 +62,19 @@ class Converter:
                                "model_size": self.settings.model_size, **extra})
 
     def convert(self, item: Parsed, source: str) -> dict[str, Any] | Skip:
-        """An MDS row for ``item``, or a :class:`Skip` saying why it cannot be written."""
+        """An MDS row for ``item``, or a :class:`Skip` saying why it cannot be written.
+
+        An unexpected error on one sample is that sample's problem, not the build's: it comes back as a
+        ``conversion_error`` skip naming the error (counted in the manifest, the build goes on).
+        """
         if isinstance(item, Skip):
             return item
+        try:
+            return self._convert(item, source)
+        except Exception as err:  # noqa: BLE001  (one sample must never end a build; the error is kept)
+            return Skip(CONVERSION_ERROR, item.id, f"{type(err).__name__}: {err}")
+
+    def _convert(self, item: Sample, source: str) -> dict[str, Any] | Skip:
         try:
             jpegs = [to_encoder_jpeg(read_image_file(ref) if isinstance(ref, str) else ref, self.image_size)
                      for ref in item.images]
@@ -94,15 +104,8 @@ def cached_converter(settings: EncodeSettings) -> Converter:
 
 
 def convert_item(settings: EncodeSettings, source: str, item: Parsed) -> dict[str, Any] | Skip:
-    """Module-level entry point for worker pools: convert one parsed item.
-
-    An unexpected error on one sample is that sample's problem, not the build's: it comes back as a
-    ``conversion_error`` skip naming the error (counted in the manifest, the build goes on).
-    """
-    try:
-        return cached_converter(settings).convert(item, source)
-    except Exception as err:  # noqa: BLE001  (one sample must never end a build; the error is kept)
-        return Skip(CONVERSION_ERROR, getattr(item, "id", ""), f"{type(err).__name__}: {err}")
+    """Module-level entry point for worker pools: convert one parsed item."""
+    return cached_converter(settings).convert(item, source)
 
 
 class DatasetWriter:

@@ -81,7 +81,7 @@ def test_bad_records_and_a_broken_source_never_stop_the_other_sources(tmp_path, 
         "scienceqa": {"problems": write_json(str(tmp_path / "sqa/problems.json"), problems),
                       "images": "sqa/images"}}, sort_keys=False))
     args = ["--sources", str(tmp_path / "sources.yaml"), "--out", str(tmp_path / "sft"),
-            "--tokenizer", tiny_tokenizer_path, "--model-size", "tiny", "--workers", "1"]
+            "--tokenizer", tiny_tokenizer_path, "--model-size", "tiny", "--workers", "2"]   # a worker pool
     with pytest.raises(SystemExit) as exit_:
         sft_main(args)
     assert exit_.value.code == 1

@@ -123,7 +123,7 @@ def test_vqav2_joins_questions_and_answers_by_id(tmp_path, env):
     assert manifest.extra["skipped_examples"]["missing_image"][0].startswith("70: ")
 
 
-def test_gqa_corrupt_image_and_unwritable_record_are_skipped(tmp_path, env):
+def test_gqa_corrupt_image_and_unconvertible_or_unwritable_records_are_skipped(tmp_path, env):
     write_image(str(tmp_path / "images/n161313.jpg"))
     write_image(str(tmp_path / "images/2354786.jpg"))
     (tmp_path / "images/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
@@ -133,7 +133,8 @@ def test_gqa_corrupt_image_and_unwritable_record_are_skipped(tmp_path, env):
           "203": {"imageId": "2354786", "question": "  ", "answer": "no"},
           "204": {"imageId": "broken", "question": "What is it?", "answer": "cup"},
           "20\ud8005": {"imageId": "2354786", "question": "Is it red?", "answer": "yes"},   # id MDS cannot store
-          "206": {"imageId": "2354786", "question": "Is the cup blue?", "answer": "yes"}}
+          "206": {"imageId": "2354786", "question": "Is the cup blue?", "answer": "yes"},
+          "207": {"imageId": "2354786", "question": "Is <image> a cup?", "answer": "yes"}}   # encoding refuses
     path = tmp_path / "q.json"
     path.write_text(json.dumps(qs))                         # json escapes the lone surrogate as \ud800
     samples, manifest = env(tmp_path, "gqa", {"questions": str(path), "images": str(tmp_path / "images")})
@@ -141,8 +142,9 @@ def test_gqa_corrupt_image_and_unwritable_record_are_skipped(tmp_path, env):
     check(env, samples[0], SHORT + "Which room is it?", "bedroom")
     check(env, samples[1], SHORT + "Is the cup red?", "no")
     check(env, samples[2], SHORT + "Is the cup blue?", "yes")
-    assert manifest.skipped == {"empty_text": 1, "corrupt_image": 1, "write_error": 1}
+    assert manifest.skipped == {"empty_text": 1, "corrupt_image": 1, "write_error": 1, "conversion_error": 1}
     assert "UnicodeEncodeError" in manifest.extra["skipped_examples"]["write_error"][0]
+    assert manifest.extra["skipped_examples"]["conversion_error"][0].startswith("207: ValueError")
 
 
 def test_vsr_questions_are_built_word_by_word(tmp_path, env):
