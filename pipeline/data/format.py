@@ -33,9 +33,7 @@ MDS_COLUMNS: dict[str, str] = {
     "id": "str",
 }
 MANIFEST_NAME = "manifest.json"
-
-
-LENGTH_DTYPE = np.dtype("<i4")
+LENGTH_DTYPE = np.dtype("<i4")     # one ``image_lengths`` entry
 
 
 def join_images(jpegs: list[bytes]) -> tuple[bytes, bytes]:
