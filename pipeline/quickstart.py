@@ -5,7 +5,8 @@ Every step runs the real command line in a subprocess, exactly as a user would o
 1. ``python -m data_prep.synthetic`` — the synthetic shapes world in the datasets' raw formats;
 2. a tiny byte-level BPE tokenizer trained on the world's texts (``build_tiny_tokenizer``);
 3. ``data_prep/build_pretrain_shards.py`` (Kale- and OCR-200m-style tars → MDS);
-4. ``data_prep/build_sft_mixture.py`` (VQAv2, A-OKVQA, LLaVA, VSR, RefCOCO files → MDS + mixture.yaml);
+4. ``data_prep/build_sft_mixture.py`` (VQAv2, A-OKVQA, LLaVA, VSR, RefCOCO, ScienceQA, Visual Genome
+   files → MDS + mixture.yaml);
 5. ``python -m pipeline.train`` — pretraining of the ``small`` size (random init; DeepSpeed on the CPU);
 6. the same for SFT from the PT export, once with ``mma`` and once with ``causal`` attention;
 7. ``python -m pipeline.eval.cv_bench`` on the world's CV-Bench-style set, for both;
@@ -166,7 +167,9 @@ def pretrain_shards(q: Quickstart) -> None:
 def sft_mixture(q: Quickstart) -> None:
     # The evaluation asks multiple-choice questions; A-OKVQA-style samples are the ones that teach the
     # answer format, so they get a larger share than Table 4 gives them.
-    ratios = {"aokvqa": 0.6, "vqav2": 0.25, "llava150k": 0.05, "vsr": 0.05, "refcoco": 0.05}
+    # ScienceQA (mostly text-only problems) and Visual Genome are in for their records, at small shares.
+    ratios = {"aokvqa": 0.6, "vqav2": 0.25, "llava150k": 0.05, "vsr": 0.05, "refcoco": 0.05, "scienceqa": 0.03,
+              "vg": 0.02}
     q.run("sft_mixture", [sys.executable, "data_prep/build_sft_mixture.py", "--sources",
                           str(q.world / "sources.yaml"), "--out", str(q.data / "sft"),
                           *[a for name, r in ratios.items() for a in ("--ratio", f"{name}={r}")], *_encode_args(q)])

@@ -148,3 +148,16 @@ def test_mixture_file_is_read_with_relative_folders(datasets, tmp_path):
     mixture.write_text("streams: [{name: x, local: y}]")
     with pytest.raises(ConfigError, match="cannot read .*mixture.yaml"):
         resolve_sources(load_config("tiny_pt", [f"data.mixture={mixture}"]).data)
+
+
+def test_image_columns_round_trip_empty_and_older_array_columns():
+    import numpy as np
+
+    from pipeline.data.format import split_images
+
+    blob, lengths = join_images([b"ab", b"cde"])
+    assert split_images(blob, lengths) == [b"ab", b"cde"]
+    assert join_images([]) == (b"", b"") and split_images(b"", b"") == []          # a text-only sample
+    assert split_images(b"abcde", np.array([2, 3], np.int32)) == [b"ab", b"cde"]     # folders written as ndarray
+    with pytest.raises(ValueError, match="not a whole number of int32"):
+        split_images(blob, lengths[:-1])

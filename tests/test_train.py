@@ -7,7 +7,7 @@ Runs are shared between tests (each costs a process launch):
   (a damaged newer checkpoint is planted first), must reproduce A step for step;
 * F  — 1 rank resuming A's 2-rank checkpoint (universal conversion) for one step;  G — 2 ranks again
   from F's checkpoint; both must give A's losses;
-* H  — SFT from A's export, with a non-finite loss injected on one step.
+* H  — SFT from A's export (a third of its samples text-only), with a non-finite loss injected on one step.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def world(tmp_path_factory, tiny_tokenizer_path):
 
     root = tmp_path_factory.mktemp("train")
     tok = load_tokenizer(tiny_tokenizer_path)
-    data = {"pt": write_dataset(root / "pt", tok, "pt", 64), "sft": write_dataset(root / "sft", tok, "sft", 32)}
+    data = {"pt": write_dataset(root / "pt", tok, "pt", 64),
+            "sft": write_dataset(root / "sft", tok, "sft", 32, text_only_every=3)}   # a third text-only
     common = ["--set", f"model.tokenizer={tiny_tokenizer_path}"]
     return {"root": root, "tok": tok, "pt": common + ["--set", f"data.datasets=[{{path: {data['pt']}}}]"],
             "sft": ["--set", f"data.datasets=[{{path: {data['sft']}}}]"]}

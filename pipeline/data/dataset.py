@@ -24,7 +24,8 @@ from streaming import Stream, StreamingDataLoader, StreamingDataset
 
 from pipeline.config import Config, DataConfig, resolve_path
 from pipeline.data.collate import SKIP_KEY, Collator
-from pipeline.data.format import check_manifest, read_manifest, split_images
+from pipeline.data.format import check_manifest, image_lengths, read_manifest, split_images
+from pipeline.data.mixture import load_mixture
 from pipeline.model.sizes import get_model_size
 from pipeline.recipes import ConfigError, parse_proportion
 from pipeline.tokens import IMAGE
@@ -43,10 +44,8 @@ class StreamSource:
 
 
 def resolve_sources(data: DataConfig) -> list[StreamSource]:
-    """The streams of ``data``: from the mixture file (data_prep.mixture) or the ``datasets`` list."""
+    """The streams of ``data``: from the mixture file (:mod:`pipeline.data.mixture`) or the ``datasets`` list."""
     if data.mixture is not None:
-        from data_prep.mixture import load_mixture
-
         path = str(resolve_path(data.mixture))
         try:
             entries = load_mixture(path)
@@ -91,7 +90,10 @@ class AKIStreamingDataset(StreamingDataset):
         meta = {"source": raw.get("source", ""), "id": raw.get("id", "")}
         modality_ids = np.asarray(raw["modality_ids"]).astype(np.int64)
         n_slots = int((modality_ids == IMAGE).sum())
-        lengths = np.asarray(raw["image_lengths"])
+        try:
+            lengths = image_lengths(raw["image_lengths"])
+        except ValueError:
+            return {SKIP_KEY: "unreadable_image", **meta}
         if n_slots % self.num_visual_tokens or n_slots // self.num_visual_tokens != len(lengths):
             return {SKIP_KEY: "image_count_mismatch", **meta}
         try:

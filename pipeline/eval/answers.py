@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
-from data_prep.sft.common import LETTERS
+from pipeline.templates import LETTERS
 
 # Characters stripped around an answer before matching: whitespace, end punctuation, markdown emphasis,
 # quotes.

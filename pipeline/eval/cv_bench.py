@@ -19,18 +19,17 @@ import argparse
 import sys
 from typing import Mapping, Sequence
 
-from data_prep.sft.common import SftOptions, lettered_options, task_input
 from pipeline.chat import Chat
-from pipeline.eval.answers import LETTERS, extract_choice
+from pipeline.eval.answers import extract_choice
 from pipeline.eval.metrics import cv_bench_scores
 from pipeline.eval.readers import CVBenchItem, read_cv_bench
 from pipeline.eval.runner import Benchmark, add_run_args, run_cli
+from pipeline.templates import format_options, task_input
 
 
 def question_input(item: CVBenchItem) -> str:
     """The user input: SFT's multiple-choice input with the options lettered in their stored order."""
-    options, _ = lettered_options(item.choices, LETTERS.index(item.answer), SftOptions(), item.key)
-    return task_input("multiple_choice", question=item.question, options=options)
+    return task_input("multiple_choice", question=item.question, options=format_options(item.choices))
 
 
 def prompt(item: CVBenchItem) -> Chat:

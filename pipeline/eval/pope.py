@@ -12,12 +12,12 @@ import argparse
 import sys
 from typing import Mapping, Sequence
 
-from data_prep.sft.common import task_input
 from pipeline.chat import Chat
 from pipeline.eval.answers import extract_yes_no
 from pipeline.eval.metrics import binary_scores
 from pipeline.eval.readers import POPE_SPLITS, PopeItem, read_pope
 from pipeline.eval.runner import Benchmark, add_run_args, run_cli
+from pipeline.templates import task_input
 
 
 def prompt(item: PopeItem) -> Chat:
