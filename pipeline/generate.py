@@ -23,7 +23,7 @@ from pipeline.model import attention
 from pipeline.model.aki import AKIModel
 from pipeline.model.images import ImageLike
 from pipeline.model.tokenizer import stop_token_ids as tokenizer_stop_ids
-from pipeline.tokens import PAD
+from pipeline.tokens import IMAGE, PAD
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -143,9 +143,10 @@ def generate(model: AKIModel, tokenizer: PreTrainedTokenizerBase | None,
         raise ValueError(f"{len(segments)} prompts but {len(images)} image lists; give one list per prompt")
     prompts = []
     for i, (segs, imgs) in enumerate(zip(segments, images)):
+        slots = sum(seg.modality == IMAGE for seg in segs)    # adjacent images form one IMAGE run
+        if slots != len(imgs):
+            raise ValueError(f"prompt {i} has {slots} image slots but {len(imgs)} images")
         encoded = encode(tokenizer, segs, model.num_visual_tokens)
-        if encoded.num_images != len(imgs):
-            raise ValueError(f"prompt {i} has {encoded.num_images} image slots but {len(imgs)} images")
         prompts.append((encoded.input_ids, encoded.modality_ids))
     flat = [img for imgs in images for img in imgs]
     pixel_values = model.image_processor(flat) if flat else None

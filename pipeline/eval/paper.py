@@ -1,10 +1,10 @@
 """The paper's Tables 1–2 through lmms-eval: ``python -m pipeline.eval.paper --model EXPORT --out DIR``.
 
 Runs the twelve benchmarks of the paper with the ``aki`` lmms-eval model (:mod:`pipeline.eval.lmms`),
-one lmms-eval evaluation per task (lmms-eval's ``--config`` list, one process, ``accelerate launch``
-over the GPUs when there are several), so a task that crashes does not take the others with it. Each
-task leaves lmms-eval's own result files (``*_results.json`` and, with samples, ``*_samples_*.jsonl``)
-under ``DIR/lmms_eval/<task>/``. Then one row is printed in the paper's column order beside the
+one lmms-eval evaluation (``simple_evaluate``) per task in one process — ``accelerate launch`` of this
+command over the GPUs when there are several, each rank its shard — so a task that crashes does not
+take the others with it. Each task leaves lmms-eval's own result files (``<date>_results.json`` and
+``<date>_samples_<task>.jsonl``) under ``DIR/lmms_eval/<task>/<model>/``. Then one row is printed in the paper's column order beside the
 paper's rows for AKI-4B (Table 2) and the MMA model (Table 1), as markdown and JSON
 (``DIR/paper_table.md`` / ``.json``):
 
@@ -31,7 +31,6 @@ import subprocess
 import sys
 from typing import Mapping, Sequence
 
-import yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,40 +105,55 @@ def plan(columns: Sequence[str], overrides: Mapping[str, str], judged: bool) -> 
                          f"{', '.join(sorted(known_tasks))}")
     result = Plan({}, {}, {})
     for col in COLUMNS:
+        if col.judged and not judged and col.unjudged_tasks is None:
+            result.status[col.name] = NOT_JUDGED          # cannot be scored, selected or not
+            continue
         if col.name not in columns:
             result.status[col.name] = NOT_RUN
             continue
         tasks = col.tasks
         if col.judged and not judged:
-            if col.unjudged_tasks is None:
-                result.status[col.name] = NOT_JUDGED
-                continue
             tasks = col.unjudged_tasks
             result.notes[col.name] = f"no GPT judge: {', '.join(tasks)} (static answer extraction)"
         result.tasks[col.name] = tuple(overrides.get(t, t) for t in tasks)
     return result
 
 
-def lmms_eval_config(tasks: Sequence[str], model: str, model_args: str, out: str,
-                     include_path: str | None, limit: int | None, batch_size: int) -> list[dict]:
-    """lmms-eval ``--config`` entries: one evaluation per task, each with its own output folder."""
-    entries = []
+def run_tasks(tasks: Sequence[str], model_args: str, out: str, include_path: str | None, limit: int | None,
+              batch_size: int) -> None:
+    """One lmms-eval evaluation per task (its evaluator, task definitions and result writer), the task
+    index built once; a task that raises is logged and the next one runs. Each rank runs this (lmms-eval
+    gives every rank its shard); rank 0 writes ``OUT/lmms_eval/<task>/<model>/<date>_results.json`` and
+    the samples."""
+    import traceback
+
+    from lmms_eval import evaluator
+    from lmms_eval.loggers import EvaluationTracker
+    from lmms_eval.tasks import TaskManager
+    from lmms_eval.utils import get_datetime_str
+
+    task_manager = TaskManager("INFO", include_path=include_path, model_name="aki")
     for task in tasks:
-        entry = {"model": "aki", "model_args": f"pretrained={model}" + (f",{model_args}" if model_args else ""),
-                 "tasks": task, "batch_size": str(batch_size), "log_samples": True,
-                 "output_path": os.path.join(out, RESULTS_DIR, task)}
-        if include_path:
-            entry["include_path"] = include_path
-        if limit is not None:
-            entry["limit"] = limit
-        entries.append(entry)
-    return entries
+        tracker = EvaluationTracker(output_path=os.path.join(out, RESULTS_DIR, task))
+        stamp = get_datetime_str()
+        try:
+            results = evaluator.simple_evaluate(
+                model="aki", model_args=model_args, tasks=[task], batch_size=batch_size, limit=limit,
+                log_samples=True, evaluation_tracker=tracker, task_manager=task_manager, datetime_str=stamp)
+        except Exception:       # noqa: BLE001 — one broken task must not stop the table
+            traceback.print_exc()
+            print(f"lmms-eval task {task} crashed (traceback above)", file=sys.stderr)
+            continue
+        if results is not None:                 # rank 0
+            samples = results.pop("samples")
+            tracker.save_results_aggregated(results=results, samples=samples, datetime_str=stamp)
+            for name in results["configs"]:
+                tracker.save_results_samples(task_name=name, samples=samples[name])
 
 
 def read_task_metrics(out: str, task: str) -> dict | None:
     """The newest lmms-eval results file's metrics for ``task`` (``None`` when there is none)."""
-    files = sorted(glob.glob(os.path.join(out, RESULTS_DIR, task, "**", "*_results.json"), recursive=True),
-                   key=os.path.getmtime)
+    files = sorted(glob.glob(os.path.join(out, RESULTS_DIR, task, "*", "*_results.json")), key=os.path.getmtime)
     for path in reversed(files):
         with open(path) as f:
             results = json.load(f).get("results", {})
@@ -194,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="folder of extra lmms-eval task YAMLs")
     p.add_argument("--limit", type=int, default=None, help="lmms-eval --limit (testing only)")
     p.add_argument("--num-processes", type=int, default=None,
-                   help="ranks for accelerate launch (default: the visible GPUs, 1 without GPUs)")
+                   help="ranks (accelerate launch; default: the visible GPUs, 1 without GPUs)")
     p.add_argument("--label", default=None, help="name of our row (default: the model folder)")
     return p
 
@@ -209,13 +223,6 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _launch_command(config_path: str, num_processes: int) -> list[str]:
-    run = ["-m", "lmms_eval", "--config", config_path]
-    if num_processes > 1:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), *run]
-    return [sys.executable, *run]
-
-
 def _visible_gpus() -> int:
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -227,16 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         todo = plan(args.columns, _overrides(args.task), judge_available())
     except ValueError as err:
         raise SystemExit(f"pipeline.eval.paper: {err}") from None
+    nproc = args.num_processes or max(_visible_gpus(), 1)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:      # start the ranks: accelerate launch of this command
+        return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
+                               "-m", "pipeline.eval.paper", *(argv if argv is not None else sys.argv[1:])]).returncode
     os.makedirs(args.out, exist_ok=True)
-    rc = 0
-    if todo.all_tasks:
-        config_path = os.path.join(args.out, "lmms_eval_config.yaml")
-        with open(config_path, "w") as f:
-            yaml.safe_dump(lmms_eval_config(todo.all_tasks, os.path.abspath(args.model), args.model_args,
-                                            os.path.abspath(args.out), args.include_path, args.limit,
-                                            args.batch_size), f, sort_keys=False)
-        nproc = args.num_processes or max(_visible_gpus(), 1)
-        rc = subprocess.run(_launch_command(config_path, nproc)).returncode
+    model_args = f"pretrained={os.path.abspath(args.model)}" + (f",{args.model_args}" if args.model_args else "")
+    run_tasks(todo.all_tasks, model_args, os.path.abspath(args.out), args.include_path, args.limit,
+              args.batch_size)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     metrics = {t: read_task_metrics(args.out, t) for t in todo.all_tasks}
     values, status = column_values(todo, metrics)
     label = args.label or os.path.basename(os.path.normpath(args.model))
@@ -245,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {"columns": list(COLUMN_NAMES), "model": os.path.abspath(args.model),
                "rows": {**{k: dict(zip(COLUMN_NAMES, v)) for k, v in PAPER_ROWS.items()}, label: values},
                "status": status, "tasks": {c: list(t) for c, t in todo.tasks.items()}, "notes": todo.notes,
-               "crashed_tasks": crashed, "lmms_eval_exit_code": rc}
+               "crashed_tasks": crashed}
     with open(os.path.join(args.out, TABLE_FILE + ".md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, TABLE_FILE + ".json"), "w") as f:
@@ -255,9 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: {note}")
     print(json.dumps(summary))
     if crashed:
-        print(f"tasks without results (crashed; see the lmms-eval log above): {', '.join(crashed)}",
+        print(f"tasks without results (crashed; see the log above): {', '.join(crashed)}",
               file=sys.stderr)
-    return 1 if crashed or rc != 0 else 0
+    return 1 if crashed else 0
 
 
 if __name__ == "__main__":
