@@ -170,7 +170,7 @@ def test_paper_table_from_lmms_eval_on_local_tasks(tmp_path, tiny_export, local_
 def test_plugin_answers_equal_pipeline_generate(tiny_export):
     from lmms_eval.api.instance import Instance
 
-    from pipeline.chat import chat_segments
+    from pipeline.chat import Chat
     from pipeline.eval.lmms import AKI
     from pipeline.generate import generate
 
@@ -187,8 +187,7 @@ def test_plugin_answers_equal_pipeline_generate(tiny_export):
                                             "t", "test"), idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1})
                 for i, text in enumerate(texts)]
     answers = model.generate_until(requests)
-    expected = [generate(model.model, None, [chat_segments([(text.replace("<image>", "").strip(), None)],
-                                                           num_images=len(doc["images"]))],
+    expected = [generate(model.model, None, [Chat(((text.replace("<image>", "").strip(), None),))],
                          [doc["images"]], max_new_tokens=6)[0] for text, doc in zip(texts, docs)]
     assert answers == expected
     assert len(set(answers)) > 1                        # not trivially equal

@@ -10,9 +10,9 @@ arguments (lmms-eval's ``key=value,...`` string):
 * ``device`` — ``cpu`` or ``cuda[:i]`` (default: this rank's GPU when there is one);
 * ``attn_implementation`` — the attention kernel (default ``sdpa``; the mode stays the folder's).
 
-``generate_until`` builds each prompt as training does: the task's text as the user turn of the chat
-template (:func:`pipeline.chat.chat_segments`), its images — one, several or none — at the start of that
-turn, and answers in batches with the cached generation of :mod:`pipeline.generate` (prefill with the
+``generate_until`` builds each prompt as training does: the task's text as the user turn of a
+:class:`pipeline.chat.Chat` in the model's text layout, its images — one, several or none — at the start
+of that turn (an ``<image>`` placeholder in the task's text is dropped), and answers in batches with the cached generation of :mod:`pipeline.generate` (prefill with the
 model's attention mode, causal decoding). Decoding is greedy unless the task asks for sampling
 (``do_sample`` with ``temperature`` > 0); it stops at the tokenizer's stop tokens, at the task's
 ``until`` strings (the answer is cut before the first one) or after ``max_new_tokens``. Under
@@ -33,7 +33,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.chat import chat_segments
+from pipeline.chat import Chat
 from pipeline.generate import generate
 from pipeline.model.tokenizer import IMAGE_TOKEN
 
@@ -143,9 +143,8 @@ class AKI(lmms):
             batch = list(chunk)
             kwargs, until = sampling_args(dict(batch[0].args[1]), self.max_new_tokens)
             images = [self._document_images(r) for r in batch]
-            segments = [chat_segments([(r.args[0].replace(IMAGE_TOKEN, "").strip(), None)],
-                                      num_images=len(imgs)) for r, imgs in zip(batch, images)]
-            texts = generate(self.model, None, segments, images, **kwargs)
+            prompts = [Chat(((r.args[0].replace(IMAGE_TOKEN, "").strip(), None),)) for r in batch]
+            texts = generate(self.model, None, prompts, images, **kwargs)
             answers.extend(cut_at_stops(t, until) for t in texts)
             bar.update(len(batch))
         bar.close()
