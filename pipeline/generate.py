@@ -26,7 +26,7 @@ from pipeline.model import attention
 from pipeline.model.aki import AKIModel
 from pipeline.model.images import ImageLike
 from pipeline.model.tokenizer import stop_token_ids as tokenizer_stop_ids
-from pipeline.tokens import PAD
+from pipeline.tokens import IMAGE, PAD
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -150,9 +150,10 @@ def generate(model: AKIModel, tokenizer: PreTrainedTokenizerBase | None,
     encoded_prompts = []
     for i, (prompt, imgs) in enumerate(zip(prompts, images)):
         segs = layout.segments(prompt, len(imgs)) if isinstance(prompt, Chat) else prompt
+        slots = sum(seg.modality == IMAGE for seg in segs)    # adjacent images form one IMAGE run
+        if slots != len(imgs):
+            raise ValueError(f"prompt {i} has {slots} image slots but {len(imgs)} images")
         encoded = encode(tokenizer, segs, model.num_visual_tokens)
-        if encoded.num_images != len(imgs):
-            raise ValueError(f"prompt {i} has {encoded.num_images} image slots but {len(imgs)} images")
         encoded_prompts.append((encoded.input_ids, encoded.modality_ids))
     flat = [img for imgs in images for img in imgs]
     pixel_values = model.image_processor(flat) if flat else None

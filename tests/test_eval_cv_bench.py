@@ -50,8 +50,9 @@ def test_pope_scoring_per_split(tmp_path):
             "yes", "Yes, there is.", "There is a car", "Nope"]   # adversarial: TP FP (unanswered) TN
     outputs = {i.key: o for i, o in zip(items, outs)}
     records, scores = pope.score_outputs(items, outputs)
-    assert set(scores) == {"random", "adversarial"}
+    assert set(scores) == {"random", "adversarial", "mean"}
     r, a = scores["random"], scores["adversarial"]
+    assert scores["mean"]["f1"] == pytest.approx((r["f1"] + a["f1"]) / 2)
     assert (r["accuracy"], r["precision"], r["recall"], r["yes_ratio"]) == (0.75, 1.0, 0.5, 0.25)
     assert r["f1"] == pytest.approx(2 / 3)
     assert (a["accuracy"], a["precision"], a["recall"], a["unanswered"]) == (0.5, 0.5, 0.5, 1)
