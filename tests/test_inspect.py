@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fixtures_data import jpeg, write_image
-from pipeline.chat import Segment, chat_segments, encode
+from pipeline.chat import chat_segments, encode
 from pipeline.inspect.__main__ import main as inspect_main
 from pipeline.inspect.masks import (ADDED, HIDDEN, REMOVED, ROLE_COLORS, SAME, VISIBLE, draw_mask_picture)
 from pipeline.inspect.roles import Role, token_roles
@@ -18,19 +18,20 @@ from pipeline.inspect.samples import Sample, packed_row
 from pipeline.inspect.share import image_question_share
 from pipeline.model import attention
 from pipeline.model.tokenizer import role_tag_ids
-from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
+from pipeline.tokens import IMAGE, TEXT_TARGET
 
 
-def chat_sample(tokenizer, turns, num_images, n, name="s"):
+def chat_sample(tokenizer, turns, num_images, n, layout="released", name="s"):
     """An encoded chat sample and the role of every token, derived from its segments: everything before
     the first user turn is system, the user tag before the images is user, the prompt text after them
     (and every later user turn) is question."""
-    segments = chat_segments(turns, num_images=num_images, system="Be brief.")
+    segments = chat_segments(turns, num_images=num_images, system="Be brief.", layout=layout)
     enc = encode(tokenizer, segments, n)
-    expected = [Role.SYSTEM]                      # BOS
+    prefix_lengths = [len(encode(tokenizer, segments[:i], n).input_ids) for i in range(len(segments) + 1)]
+    expected = [Role.SYSTEM] * prefix_lengths[0]      # BOS
     seen_image = False
     for i, seg in enumerate(segments):
-        length = n if seg.modality == IMAGE else len(tokenizer.encode(seg.text, add_special_tokens=False))
+        length = prefix_lengths[i + 1] - prefix_lengths[i]
         if seg.modality == IMAGE:
             role, seen_image = Role.IMAGE, True
         elif seg.modality == TEXT_TARGET:
@@ -40,13 +41,15 @@ def chat_sample(tokenizer, turns, num_images, n, name="s"):
         else:
             role = Role.USER if not seen_image and segments[i + 1].modality == IMAGE else Role.QUESTION
         expected += [role] * length
+    assert len(expected) == len(enc.input_ids)
     sample = Sample(name, enc.input_ids.astype(np.int64), enc.modality_ids.astype(np.int64),
                     [jpeg("red", 32)] * num_images, n)
     return sample, np.array(expected)
 
 
 def test_roles_follow_the_chat_layout(tiny_tokenizer):
-    sample, expected = chat_sample(tiny_tokenizer, [("How many circles?", "two"), ("And red?", "one")], 2, 3)
+    sample, expected = chat_sample(tiny_tokenizer, [("How many circles?", "two"), ("And red?", "one")], 2, 3,
+                                   layout="phi3_chat")
     roles = token_roles(sample.input_ids, sample.modality_ids, role_tag_ids(tiny_tokenizer))
     assert roles.tolist() == expected.tolist()
     assert {Role.SYSTEM, Role.USER, Role.IMAGE, Role.QUESTION, Role.ANSWER} == set(roles.tolist())

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pipeline.chat import DEFAULT_LAYOUT, LAYOUTS
 from pipeline.inspect import MASKS_INDEX, SHARE_JSON, SHARE_PLOT
 from pipeline.model.attention import MODES, position_ids
 from pipeline.tokens import IMAGE
@@ -31,7 +32,8 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[],
                    help="image file of --question (repeat for several images)")
     p.add_argument("--answer", default=None,
-                   help="answer of --question (default: none, the prompt ends at <|assistant|> as in generation)")
+                   help="answer of --question (default: none; the prompt ends where the answer starts, "
+                        "as in generation)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument("--tokenizer", required=True,
                        help="tokenizer folder (or an export folder) the data was encoded with")
     masks.add_argument("--model-size", default="aki-4b",
-                       help="size whose N visual tokens lay out --question (default: aki-4b); --data uses its manifest's N")
+                       help="size whose N visual tokens lay out --question (default: aki-4b); "
+                            "--data uses its manifest's N")
+    masks.add_argument("--text-layout", choices=sorted(LAYOUTS), default=DEFAULT_LAYOUT,
+                       help=f"layout of --question (default: {DEFAULT_LAYOUT}); --data uses its manifest's layout")
     masks.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
                        help="modes to draw (default: every mode the layout allows)")
     masks.add_argument("--collapse-above", type=int, default=16,
@@ -61,16 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _samples(args: argparse.Namespace, tokenizer, num_visual_tokens: int | None):
+def _samples(args: argparse.Namespace, tokenizer, num_visual_tokens: int | None, text_layout: str | None):
+    """The samples of ``--data`` (checked against the model's N and layout when given), or of ``--question``
+    laid out in ``text_layout``."""
     from pipeline.inspect.samples import dataset_samples, question_sample
 
     if args.data is not None:
         if args.image or args.answer is not None:
             raise ValueError("--image and --answer go with --question, not with --data")
-        return dataset_samples(args.data, args.index or [0], tokenizer, num_visual_tokens)
+        return dataset_samples(args.data, args.index or [0], tokenizer, num_visual_tokens, text_layout)
     if args.index is not None:
         raise ValueError("--index picks samples of --data; with --question, leave it out")
-    return [question_sample(tokenizer, args.question, args.image, num_visual_tokens, args.answer)]
+    return [question_sample(tokenizer, args.question, args.image, num_visual_tokens, text_layout, args.answer)]
 
 
 def run_masks(args: argparse.Namespace) -> int:
@@ -81,8 +88,9 @@ def run_masks(args: argparse.Namespace) -> int:
     from pipeline.model.tokenizer import load_tokenizer, role_tag_ids
 
     tokenizer = load_tokenizer(args.tokenizer)
-    n = None if args.data is not None else get_model_size(args.model_size).num_visual_tokens
-    samples = _samples(args, tokenizer, n)
+    from_data = args.data is not None
+    samples = _samples(args, tokenizer, None if from_data else get_model_size(args.model_size).num_visual_tokens,
+                       None if from_data else args.text_layout)
     n = samples[0].num_visual_tokens
     input_ids, modality_ids, document_ids = packed_row(samples)
     roles = token_roles(input_ids, modality_ids, role_tag_ids(tokenizer), document_ids)
@@ -124,7 +132,7 @@ def run_attention(args: argparse.Namespace) -> int:
     results = {}
     for folder in args.model:
         model, tokenizer = load_model(folder, device, attn_implementation="eager")
-        result = measure(model, _samples(args, tokenizer, model.num_visual_tokens))
+        result = measure(model, _samples(args, tokenizer, model.num_visual_tokens, model.text_layout))
         results[_label(model, folder, list(results))] = {"export": os.path.abspath(folder), **result}
         print(f"{folder}: image → question share per layer "
               f"{np.round(result['per_layer'], 4).tolist()} (mean {result['mean']:.4f}, {result['samples']} "

@@ -1,5 +1,5 @@
 """Where the inspected samples come from: an MDS dataset folder by index, or a question and image(s)
-through the chat template (:mod:`pipeline.chat`), exactly as data preparation and generation lay them out.
+through a text layout of :mod:`pipeline.chat`, exactly as data preparation and generation lay them out.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.chat import chat_segments, encode
+from pipeline.chat import encode, get_layout
 from pipeline.data.format import check_manifest, read_manifest, split_images
 from pipeline.model.tokenizer import tokenizer_fingerprint
 
@@ -27,10 +27,11 @@ class Sample:
 
 
 def dataset_samples(folder: str, indices: Sequence[int], tokenizer: PreTrainedTokenizerBase,
-                    num_visual_tokens: int | None = None) -> list[Sample]:
+                    num_visual_tokens: int | None = None, text_layout: str | None = None) -> list[Sample]:
     """Samples ``indices`` of the MDS dataset ``folder`` (written by ``data_prep/``).
 
-    The folder's manifest must match ``tokenizer`` and, when given, ``num_visual_tokens`` (a model's N).
+    The folder's manifest must match ``tokenizer`` and, when given, a model's ``num_visual_tokens`` (N)
+    and ``text_layout``.
     """
     import tempfile
 
@@ -38,7 +39,7 @@ def dataset_samples(folder: str, indices: Sequence[int], tokenizer: PreTrainedTo
 
     manifest = read_manifest(folder)
     n = manifest.num_visual_tokens if num_visual_tokens is None else num_visual_tokens
-    check_manifest(manifest, folder, n, tokenizer_fingerprint(tokenizer))
+    check_manifest(manifest, folder, n, tokenizer_fingerprint(tokenizer), text_layout or manifest.text_layout)
     samples = []
     # The folder is the stream's remote: only the shards holding the samples are copied (and decompressed)
     # into a private cache, so the dataset folder stays untouched and may be in use elsewhere.
@@ -57,16 +58,18 @@ def dataset_samples(folder: str, indices: Sequence[int], tokenizer: PreTrainedTo
 
 
 def question_sample(tokenizer: PreTrainedTokenizerBase, question: str, image_paths: Sequence[str],
-                    num_visual_tokens: int, answer: str | None = None) -> Sample:
-    """A one-turn chat sample: the images at the start of the user turn, then ``question``; with ``answer``
-    the answer follows as TEXT_TARGET, without it the prompt ends at ``<|assistant|>`` (as in generation)."""
+                    num_visual_tokens: int, text_layout: str, answer: str | None = None) -> Sample:
+    """A one-turn chat sample in ``text_layout``: the images at the start of the user turn, then
+    ``question``; with ``answer`` the answer follows as TEXT_TARGET, without it the prompt ends where the
+    answer starts (as in generation)."""
     images = []
     for path in image_paths:
         if not os.path.isfile(path):
             raise ValueError(f"image {path!r} not found; give the path of an image file")
         with open(path, "rb") as f:
             images.append(f.read())
-    encoded = encode(tokenizer, chat_segments([(question, answer)], num_images=len(images)), num_visual_tokens)
+    segments = get_layout(text_layout).chat_segments([(question, answer)], num_images=len(images))
+    encoded = encode(tokenizer, segments, num_visual_tokens)
     return Sample(f"question {question!r}", encoded.input_ids.astype(np.int64),
                   encoded.modality_ids.astype(np.int64), images, num_visual_tokens)
 
