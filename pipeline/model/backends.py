@@ -86,6 +86,7 @@ def _additive_layout_mask(modality_ids: torch.Tensor, mode: str, document_ids: t
                           num_visual_tokens: int) -> torch.Tensor:
     return additive_mask(attention.sdpa_mask(modality_ids, mode, document_ids, num_visual_tokens))
 
+
 BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
     AttentionBackend("sdpa", attention.sdpa_mask, lambda visible: visible),
     AttentionBackend("flex_attention", _block_mask, dense_to_block_mask),
