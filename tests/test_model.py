@@ -231,7 +231,7 @@ def test_image_processor_reads_jpeg_bytes(tiny_model_factory):
 
 
 def test_images_at_input_size_skip_the_resize_with_the_same_pixels(tiny_model_factory):
-    from transformers import SiglipImageProcessor
+    from pipeline.compat import SiglipImageProcessor
 
     model = tiny_model_factory()
     side = model.image_size

@@ -14,6 +14,8 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from pipeline.compat import KEEP_EXTRA_SPECIAL_TOKENS
+
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
 PAD_TOKEN = "<pad>"
@@ -36,7 +38,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     missing = [t for t in (IMAGE_TOKEN, END_OF_CHUNK) if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                     replace_additional_special_tokens=False)
+                                     **KEEP_EXTRA_SPECIAL_TOKENS)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
