@@ -4,8 +4,6 @@ Training is pinned to transformers 4.57 (mosaicml-streaming requires <5); infere
 benchmarks also run on the transformers 5.x that GPU machines ship (``requirements-tf5.txt``, tested by
 ``make test``). Everything version-dependent lives here, so the rest of the code imports one name:
 
-* ``KEEP_EXTRA_SPECIAL_TOKENS``: the keyword that makes ``add_special_tokens`` extend, not replace, the
-  extra special tokens (4.x ``replace_additional_special_tokens``, 5.x ``replace_extra_special_tokens``);
 * ``no_init_weights``: moved from ``transformers.modeling_utils`` to ``transformers.initialization``;
 * ``SiglipImageProcessor``: the PIL/numpy SigLIP processor (5.x calls it ``SiglipImageProcessorPil``;
   its ``SiglipImageProcessor`` needs torchvision, which the inference environment need not have);
@@ -16,12 +14,7 @@ from __future__ import annotations
 
 import inspect
 
-from transformers import Phi3Model, PreTrainedTokenizerBase
-
-_ADD_SPECIAL = inspect.signature(PreTrainedTokenizerBase.add_special_tokens).parameters
-KEEP_EXTRA_SPECIAL_TOKENS = ({"replace_additional_special_tokens": False}
-                             if "replace_additional_special_tokens" in _ADD_SPECIAL
-                             else {"replace_extra_special_tokens": False})
+from transformers import Phi3Model
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -35,4 +28,4 @@ except ImportError:  # transformers 4.x: the default processor is the PIL/numpy 
 
 CACHE_KWARG = "cache" if "cache" in inspect.signature(Phi3Model.forward).parameters else "past_key_values"
 
-__all__ = ["CACHE_KWARG", "KEEP_EXTRA_SPECIAL_TOKENS", "no_init_weights", "SiglipImageProcessor"]
+__all__ = ["CACHE_KWARG", "no_init_weights", "SiglipImageProcessor"]
