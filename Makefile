@@ -10,7 +10,7 @@ TF5_VENV ?= .venv-tf5
 TF5_PY := $(TF5_VENV)/bin/python
 TF5_STAMP := $(TF5_VENV)/.installed
 # What transformers touches: tokenizer set-up, model build/export/reload, image processor, Phi-3 with the SDPA
-# mask and the FlexAttention BlockMask, cached generation, the train-step benchmark (~30 s in all; the other
+# mask and the FlexAttention BlockMask, cached generation, the train-step benchmark (30-60 s on 2 cores; the other
 # modes and layouts of the same code paths run in the main suite).
 TF5_TESTS := tests/test_model.py 'tests/test_attention.py::test_block_mask_and_dense_paths_give_the_same_logits[mma]' \
 	'tests/test_generate.py::test_cached_greedy_equals_teacher_forced_argmax[mma-sdpa]' tests/test_generate.py::test_text_api_and_cli_answer_from_an_export_folder \
