@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from pipeline.chat import SYSTEM_MESSAGE, Chat, Segment, encode, get_layout
+from pipeline.compat import CACHE_KWARG
 from pipeline.model import attention
 from pipeline.model.aki import AKIModel
 from pipeline.model.images import ImageLike
@@ -95,7 +96,7 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
         inputs_embeds=model.embed(input_ids, modality_ids, pixel_values),
         attention_mask=model.backend.layout_mask(modality_ids, mode, None, n),
         position_ids=attention.position_ids(modality_ids, mode, None, n),
-        past_key_values=cache, use_cache=True,
+        use_cache=True, **{CACHE_KWARG: cache},
     ).last_hidden_state
     logits = model.logits(hidden[:, -1])
     # Decode steps: the new token sees every real prompt token and every generated token.
@@ -116,8 +117,7 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
             inputs_embeds=model.embed_tokens(token[:, None]),
             attention_mask=model.backend.from_dense(visible[:, None, None, :]),
             position_ids=position[:, None] + step,
-            past_key_values=cache, use_cache=True,
-            cache_position=torch.tensor([visible.shape[1] - 1], device=device),
+            use_cache=True, **{CACHE_KWARG: cache},
         ).last_hidden_state
         logits = model.logits(hidden[:, -1])
     return [_until_stop(row, set(stop_token_ids)) for row in torch.stack(generated, dim=1).tolist()]
