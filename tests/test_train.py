@@ -7,9 +7,9 @@ Runs are shared between tests (each costs a process launch):
   captions, a seeded subset of 8 samples: one epoch per step) from step 4, under one LR schedule;
 * B  — the same recipe, SIGTERM mid-run → checkpoint + exit 0;  C — ``--resume auto`` in B's folder
   (a damaged newer checkpoint is planted first), must reproduce A step for step;
-* F  — 1 rank resuming A's 2-rank step-2 checkpoint (universal conversion) to the phase switch (step 3);
-  G — 2 ranks again from F's checkpoint, across the switch to the end; both must give A's losses, G
-  also A's data digests;
+* F  — 1 rank resuming A's 2-rank step-2 checkpoint (universal conversion) across the phase switch to
+  step 4;  G — 2 ranks again from F's checkpoint (loader state inside phase "colours"); both must give
+  A's losses, G also A's data digests;
 * H  — SFT from A's export, with a non-finite loss injected on one step.
 """
 from __future__ import annotations
@@ -172,22 +172,24 @@ def test_sigterm_checkpoints_and_resume_auto_reproduces_the_straight_run(run_a, 
     assert digests(out) == digests(run_a)
 
 
-def test_resume_on_one_rank_to_the_phase_switch_and_back_on_two_gives_the_same_run(run_a, world):
+def test_resume_on_one_rank_across_the_phase_switch_and_back_on_two_gives_the_same_run(run_a, world):
     a = losses(run_a)
     from_a = ckpt.checkpoints_root(run_a) / ckpt.step_tag(2)
-    out_f, proc = train(world, "F", PT + world["pt"] + ["--resume", str(from_a), "--stop-at-step", str(SWITCH)],
-                        nproc=1, env={"WANDB_MODE": "disabled"})
+    out_f, proc = train(world, "F", PT + world["pt"] + ["--resume", str(from_a), "--stop-at-step", "4"], nproc=1,
+                        env={"WANDB_MODE": "disabled"})
     assert proc.returncode == 0, show(proc)
     assert ckpt.is_complete(from_a / ckpt.UNIVERSAL)
-    assert losses(out_f) == {3: pytest.approx(a[3], rel=1e-5)}
-    # saved at the end of phase "squares": the resumed run starts phase "colours" at its first sample
-    assert ckpt.read_json(ckpt.latest_complete(out_f) / ckpt.rank_file(0))["data"]["phase"] == "squares"
+    assert losses(out_f) == {3: pytest.approx(a[3], rel=1e-5), 4: pytest.approx(a[4], rel=1e-5)}
+    state = ckpt.read_json(ckpt.latest_complete(out_f) / ckpt.rank_file(0))["data"]
+    assert state["phase"] == "colours" and state["loader"]["sample_in_epoch"] == 8   # one epoch of the subset
     _, proc = train(world, "F", PT + world["pt"] + ["--resume", "auto"], nproc=2, env={"WANDB_MODE": "disabled"})
     assert proc.returncode == 0, show(proc)
-    assert losses(out_f) == {s: pytest.approx(a[s], rel=1e-5) for s in (3, 4, 5, 6)}
-    assert {s: d for s, d in digests(out_f).items() if s > SWITCH} == {s: digests(run_a)[s] for s in (4, 5, 6)}
+    # the same data at every step (digests) and, up to the 1-rank run's other summation order (amplified by
+    # Adam on the short "colours" captions), the same losses
+    assert {s: losses(out_f)[s] for s in (5, 6)} == {s: pytest.approx(a[s], rel=5e-3) for s in (5, 6)}
+    assert {s: digests(out_f)[s] for s in (5, 6)} == {s: digests(run_a)[s] for s in (5, 6)}
     assert [(e["phase"], e["step"], e["resumed"]) for e in events(out_f, "data_phase")] == [
-        ("squares", 2, True), ("colours", SWITCH, False)]
+        ("squares", 2, True), ("colours", SWITCH, False), ("colours", 4, True)]
 
 
 def test_sft_starts_from_the_pt_export_and_skips_a_nonfinite_step(run_a, world):
