@@ -14,6 +14,7 @@ from pipeline.model.tokenizer import ASSISTANT_TAG, END_OF_CHUNK, END_TAG, IMAGE
 from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
 
 N = 4
+EOS = "<|endoftext|>"
 
 
 def encode(tokenizer, segments):
@@ -26,7 +27,7 @@ def test_sft_image_moves_after_the_question_before_the_turn_end(tiny_tokenizer):
     new_ids, new_mods = reorder_sample(ids, mods, prompt_suffix_tokens(tiny_tokenizer))
     text = tiny_tokenizer.decode(new_ids)
     images = IMAGE_TOKEN * (2 * N)
-    assert f"{USER_TAG}\n\nHow many squares are there?{images}{END_TAG}\n{ASSISTANT_TAG}\ntwo{END_TAG}" in text
+    assert f"{USER_TAG}\n\nHow many squares are there?{images}{END_TAG}\n{ASSISTANT_TAG}\ntwo{EOS}" in text
     assert text.startswith(tiny_tokenizer.decode(ids[:int(np.argmax(mods == IMAGE))]))  # system part untouched
     # the image run now sits after every prompt token of the question and before the answer
     img = np.flatnonzero(new_mods == IMAGE)
@@ -37,19 +38,21 @@ def test_sft_image_moves_after_the_question_before_the_turn_end(tiny_tokenizer):
 def test_pt_image_moves_after_the_caption_before_its_end_or_last(tiny_tokenizer):
     ids, mods = encode(tiny_tokenizer, chat.pretrain_segments("a red circle"))
     tail = prompt_suffix_tokens(tiny_tokenizer)
-    assert caption_end_tokens(tiny_tokenizer) == len(tiny_tokenizer.encode(END_OF_CHUNK, add_special_tokens=False))
-    new_ids, new_mods = reorder_sample(ids, mods, tail, TI_PT_IMAGE["before_end"](tiny_tokenizer))
-    assert tiny_tokenizer.decode(new_ids) == f"<s>a red circle{IMAGE_TOKEN * N}{END_OF_CHUNK}"
-    assert new_mods.tolist() == [TEXT_INPUT] + [TEXT_TARGET] * (len(ids) - 2 - N) + [IMAGE] * N + [TEXT_TARGET]
-    new_ids, new_mods = reorder_sample(ids, mods, tail, TI_PT_IMAGE["last"](tiny_tokenizer))
-    assert tiny_tokenizer.decode(new_ids) == f"<s>a red circle{END_OF_CHUNK}{IMAGE_TOKEN * N}"
+    end = caption_end_tokens(tiny_tokenizer)          # <|endofchunk|> and EOS
+    assert end == len(tiny_tokenizer.encode(f"{END_OF_CHUNK}{EOS}", add_special_tokens=False))
+    new_ids, new_mods = reorder_sample(ids, mods, tail, TI_PT_IMAGE["before_end"](tiny_tokenizer, "released"))
+    assert tiny_tokenizer.decode(new_ids) == f"<s>a red circle{IMAGE_TOKEN * N}{END_OF_CHUNK}{EOS}"
+    assert new_mods.tolist() == [TEXT_INPUT] + [TEXT_TARGET] * (len(ids) - 1 - N - end) + [IMAGE] * N + [TEXT_TARGET] * end
+    new_ids, new_mods = reorder_sample(ids, mods, tail, TI_PT_IMAGE["last"](tiny_tokenizer, "released"))
+    assert tiny_tokenizer.decode(new_ids) == f"<s>a red circle{END_OF_CHUNK}{EOS}{IMAGE_TOKEN * N}"
     assert new_mods.tolist() == [TEXT_INPUT] + [TEXT_TARGET] * (len(ids) - 1 - N) + [IMAGE] * N
 
 
 def test_reorder_is_a_permutation_that_keeps_each_token_with_its_modality(tiny_tokenizer):
     tail = prompt_suffix_tokens(tiny_tokenizer)
     for segments in (chat.pretrain_segments("green triangle"),
-                     chat.chat_segments([("What color is the circle?", "red"), ("Is it left?", "yes")]),
+                     chat.chat_segments([("What color is the circle?", "red"), ("Is it left?", "yes")],
+                                        layout="phi3_chat"),
                      chat.chat_segments([("Options:\nA. one", "A")], num_images=0)):
         ids, mods = encode(tiny_tokenizer, segments)
         new_ids, new_mods = reorder_sample(ids, mods, tail)
@@ -112,9 +115,9 @@ def test_each_order_predicts_the_same_tokens_and_trains_the_stated_modules(
     batch = collate([{"input_ids": enc.input_ids.astype(np.int64), "modality_ids": enc.modality_ids.astype(np.int64),
                       "pixel_values": torch.rand(1, 3, tiny_size.image_size, tiny_size.image_size)}], "pad", pad_id=0)
     if order == "ti":
-        batch = to_text_first(batch, prompt_suffix_tokens(tiny_tokenizer), TI_PT_IMAGE[ti_pt_image](tiny_tokenizer))
+        batch = to_text_first(batch, prompt_suffix_tokens(tiny_tokenizer), TI_PT_IMAGE[ti_pt_image](tiny_tokenizer, "released"))
     predicted = target_positions(batch["modality_ids"])
-    want = chat.encode(tiny_tokenizer, segments[-1:], n, add_bos=False).input_ids.tolist()   # caption / answer
+    want = enc.input_ids[enc.modality_ids == TEXT_TARGET].tolist()     # the stored caption / answer tokens
     assert batch["input_ids"][predicted].tolist() == want
     model = tiny_model_factory("causal").train()
     inputs = {k: batch[k] for k in ("input_ids", "modality_ids", "pixel_values")}

@@ -55,31 +55,33 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipeline import chat
-from pipeline.model.tokenizer import ASSISTANT_TAG, END_TAG
 from pipeline.tokens import IMAGE, PAD, TEXT_INPUT, TEXT_TARGET
 
 IMAGE_FIRST, TEXT_FIRST = "it", "ti"
 
 
-def prompt_suffix_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Number of tokens of the chat prompt's end ``<|end|>\\n<|assistant|>\\n`` (pipeline.chat).
+def prompt_suffix_tokens(tokenizer: PreTrainedTokenizerBase, layout: str = chat.DEFAULT_LAYOUT) -> int:
+    """Number of tokens of the prompt's input end (``TextLayout.prompt_end``: ``<|end|>\\n<|assistant|>``,
+    then ``\\n`` in ``phi3_chat``).
 
     Checked against a prompt encoded by the chat template, so a tokenizer that merges the suffix with
     the question text is refused instead of silently splitting a token.
     """
-    suffix = tokenizer.encode(f"{END_TAG}\n{ASSISTANT_TAG}\n", add_special_tokens=False)
-    prompt = chat.encode(tokenizer, chat.chat_segments([("What is shown?", None)]), num_visual_tokens=1)
-    if prompt.input_ids[-len(suffix):].tolist() != list(suffix):
-        raise ValueError("this tokenizer does not encode the chat prompt's end <|end|>\\n<|assistant|>\\n the "
-                         "same inside a prompt as alone, so DOT cannot find where the question ends")
+    text_layout = chat.get_layout(layout)
+    suffix = tokenizer.encode(text_layout.prompt_end, add_special_tokens=False)
+    prompt = chat.encode(tokenizer, text_layout.chat_segments([("What is shown?", None)]), num_visual_tokens=1)
+    inputs = prompt.input_ids[prompt.modality_ids == TEXT_INPUT]
+    if inputs[-len(suffix):].tolist() != list(suffix):
+        raise ValueError(f"this tokenizer does not encode the prompt's end {text_layout.prompt_end!r} the same "
+                         "inside a prompt as alone, so DOT cannot find where the question ends")
     return len(suffix)
 
 
-def caption_end_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
+def caption_end_tokens(tokenizer: PreTrainedTokenizerBase, layout: str = chat.DEFAULT_LAYOUT) -> int:
     """Number of target tokens the PT template puts after the caption text (``<|endofchunk|>``, plus EOS
     in a layout that ends samples with it), found by encoding a caption through pipeline.chat."""
     caption = "a photo"
-    enc = chat.encode(tokenizer, chat.pretrain_segments(caption), num_visual_tokens=1)
+    enc = chat.encode(tokenizer, chat.pretrain_segments(caption, layout), num_visual_tokens=1)
     target = enc.input_ids[enc.modality_ids == TEXT_TARGET].tolist()
     text = tokenizer.encode(caption, add_special_tokens=False)
     if target[:len(text)] != list(text):
@@ -89,9 +91,9 @@ def caption_end_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 # data.ti_pt_image -> target tokens kept after the image in a T&I pre-training sample
-TI_PT_IMAGE: dict[str, Callable[[PreTrainedTokenizerBase], int]] = {
+TI_PT_IMAGE: dict[str, Callable[[PreTrainedTokenizerBase, str], int]] = {
     "before_end": caption_end_tokens,
-    "last": lambda tokenizer: 0,
+    "last": lambda tokenizer, layout: 0,
 }
 
 

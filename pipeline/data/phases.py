@@ -57,7 +57,8 @@ class PhasedLoader:
         self.phases = plan_phases(config)
         self.on_start = on_start
         text_first = any(p.order == TEXT_FIRST for p in self.phases)
-        self.tails = (prompt_suffix_tokens(tokenizer), TI_PT_IMAGE[config.data.ti_pt_image](tokenizer)) \
+        layout = config.model.text_layout
+        self.tails = (prompt_suffix_tokens(tokenizer, layout), TI_PT_IMAGE[config.data.ti_pt_image](tokenizer, layout)) \
             if text_first else (0, 0)
         self.index: int | None = None
         self.loader = self.batches = None
