@@ -179,7 +179,7 @@ def test_resume_on_one_rank_across_the_phase_switch_and_back_on_two_gives_the_sa
                         env={"WANDB_MODE": "disabled"})
     assert proc.returncode == 0, show(proc)
     assert ckpt.is_complete(from_a / ckpt.UNIVERSAL)
-    assert losses(out_f) == {3: pytest.approx(a[3], rel=1e-5), 4: pytest.approx(a[4], rel=1e-5)}
+    assert losses(out_f) == {3: pytest.approx(a[3], rel=1e-4), 4: pytest.approx(a[4], rel=1e-4)}   # 1 rank: other
     state = ckpt.read_json(ckpt.latest_complete(out_f) / ckpt.rank_file(0))["data"]
     assert state["phase"] == "colours" and state["loader"]["sample_in_epoch"] == 8   # one epoch of the subset
     _, proc = train(world, "F", PT + world["pt"] + ["--resume", "auto"], nproc=2, env={"WANDB_MODE": "disabled"})
@@ -250,10 +250,10 @@ def test_a_new_run_into_a_folder_with_checkpoints_fails_before_any_distributed_w
 def test_zero2_single_process_run_exports_a_loadable_model(world):
     from pipeline.model.aki import AKIModel
 
-    args = PT + world["pt"] + ["--set", "train.total_steps=3", "--set", "train.deepspeed=ds_configs/zero2_single_gpu.json"]
+    args = PT + world["pt"] + ["--set", "train.total_steps=4", "--set", "train.deepspeed=ds_configs/zero2_single_gpu.json"]
     out, proc = train(world, "Z2", args, nproc=1, env={"WANDB_MODE": "disabled"})
     assert proc.returncode == 0, show(proc)
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     model = AKIModel.from_pretrained(out / "export")
     with torch.no_grad():
         assert torch.isfinite(model(**probe_batch(world["tok"]), return_logits=True).logits).all()
