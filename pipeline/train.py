@@ -1,6 +1,6 @@
 """Train AKI with DeepSpeed ZeRO-3: one recipe, one stage (PT or SFT), resumable at any step.
 
-    torchrun --nproc_per_node 8 -m pipeline.train --config aki4b_pt_kale [--set optim.lr=5e-5 ...]
+    torchrun --nproc_per_node 8 -m pipeline.train --config aki4b_pt [--set optim.lr=5e-5 ...]
              [--resume auto|CKPT_DIR] [--output-dir DIR] [--stop-at-step N]
 
 What it does, top to bottom: read and validate the recipe (a bad one fails here, before any distributed
@@ -120,14 +120,13 @@ def build_model(config: Config, ds_config: dict[str, Any], tokenizer, load_init_
 
 
 def build_optimizer(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]):
-    """AdamW over the trainable parameters (no decay on 1-D ones: biases, norms) and the recipe's schedule."""
-    from transformers import get_scheduler
-
+    """AdamW over the trainable parameters (1-D ones, biases and norms, decayed only with
+    ``optim.weight_decay_all``) and the recipe's schedule (:func:`build_lr_schedule`)."""
     o = config.optim
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+            (decay if o.weight_decay_all or len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -135,10 +134,22 @@ def build_optimizer(model: torch.nn.Module, config: Config, ds_config: dict[str,
         optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps,
-                              num_training_steps=config.train.total_steps,
+    return optimizer, build_lr_schedule(optimizer, config)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's ``transformers`` schedule over the whole stage, or restarted for each input order
+    (``optim.schedule_span: order``: warmup and decay over each order's equal share of the steps)."""
+    from transformers import get_scheduler
+
+    o, total = config.optim, config.train.total_steps
+    span = total if o.schedule_span == "stage" else total // len(config.data.orders)
+    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=span,
                               scheduler_specific_kwargs=o.scheduler_kwargs())
-    return optimizer, scheduler
+    if span == total:
+        return scheduler
+    factor = scheduler.lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step % span))
 
 
 class Trainer:
@@ -147,8 +158,7 @@ class Trainer:
     def __init__(self, config: Config, resume: str | None = None, stop_at_step: int | None = None):
         import deepspeed
         import torch.distributed as dist
-        from pipeline.data.dataset import build_dataloader
-        from pipeline.data.dot import build_dot_schedule
+        from pipeline.data.phases import PhasedLoader
 
         self.config, self.stop_at_step = config, stop_at_step
         started = time.perf_counter()
@@ -180,9 +190,9 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=self.ds_config)
         phase("engine_s")
-        self.loader = build_dataloader(config, self.tokenizer, image_processor=model.image_processor)
-        self.dot = build_dot_schedule(config.data.orders, config.train.total_steps, self.tokenizer,
-                                          config.model.text_layout)
+        self.data = PhasedLoader(config, self.tokenizer, model.image_processor,
+                                 on_start=lambda info: self.logger.event({"event": "data_phase", "step": self.step,
+                                                                          **info}))
 
         self.step, self.nonfinite_streak, self.skipped_steps = 0, 0, 0
         self.run_id = uuid.uuid4().hex[:8]
@@ -190,8 +200,7 @@ class Trainer:
             state, rank_state = ckpt.load(self.engine, self.resume_from)
             self.step, self.run_id = int(state["step"]), state["wandb_run_id"]
             self.skipped_steps = int(state.get("skipped_steps", 0))
-            self.loader.load_state_dict(rank_state["data"])
-        self.data_iter = iter(self.loader)
+            self.data.load_state_dict(rank_state["data"], self.step)
         phase("data_and_resume_s")
         self.logger = MetricsLogger(self.output_dir, self.rank == 0, config.train.wandb_project,
                                     config.train.wandb_mode, self.run_id, config.name, config.to_dict())
@@ -211,16 +220,6 @@ class Trainer:
         self.stop_signal = signum
 
     # ---- one optimizer step ---------------------------------------------------------------------
-    def next_micro_batches(self) -> list[dict[str, Any]]:
-        batches = []
-        for _ in range(self.gas):
-            try:
-                batches.append(next(self.data_iter))
-            except StopIteration:           # end of an epoch: streaming starts the next one
-                self.data_iter = iter(self.loader)
-                batches.append(next(self.data_iter))
-        return batches
-
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The model inputs on the device, validated on the CPU first (no read-backs inside the step)."""
         from pipeline.data.collate import MODEL_INPUTS
@@ -244,7 +243,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         lr = self.scheduler.get_last_lr()[0]
         for i, batch in enumerate(batches):
-            inputs = self._to_device(self.dot.apply(batch, self.step))
+            inputs = self._to_device(batch)
             out = self.engine(**inputs, return_logits=False, validate=False)
             loss_sum += out.loss_sum.detach().float()
             loss = out.loss_sum * scale
@@ -287,7 +286,7 @@ class Trainer:
         saved_at = self.step if self.resume_from is not None else None
         while self.step < t.total_steps:
             start = time.perf_counter()
-            batches = self.next_micro_batches()
+            batches = self.data.micro_batches(self.step, self.gas)
             waited = time.perf_counter() - start
             digest = self.data_digest(batches)
             r = self.train_step(batches)
@@ -334,7 +333,7 @@ class Trainer:
         state = {"wandb_run_id": self.run_id, "skipped_steps": self.skipped_steps, "config": self.config.to_dict()}
         from pipeline.export import save_skeleton
 
-        path = ckpt.save(self.engine, self.output_dir, self.step, state, {"data": self.loader.state_dict()},
+        path = ckpt.save(self.engine, self.output_dir, self.step, state, {"data": self.data.state_dict()},
                          self.config.train.keep_last,
                          write_extra=lambda p: save_skeleton(self.engine.module, p / ckpt.SKELETON))
         self.logger.event({"event": "checkpoint", "step": self.step, "path": str(path)})
@@ -355,6 +354,7 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        self.data.close()
         self.logger.close()
 
 

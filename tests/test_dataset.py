@@ -10,7 +10,7 @@ from PIL import Image
 from streaming import MDSWriter
 
 from pipeline import chat
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, DataPhase, DatasetSource, load_config
 from pipeline.data.dataset import build_dataloader, resolve_sources
 from pipeline.data.format import MDS_COLUMNS, Manifest, join_images
 from pipeline.model.sizes import get_model_size
@@ -161,3 +161,64 @@ def test_image_columns_round_trip_empty_and_older_array_columns():
     assert split_images(b"abcde", np.array([2, 3], np.int32)) == [b"ab", b"cde"]     # folders written as ndarray
     with pytest.raises(ValueError, match="not a whole number of int32"):
         split_images(blob, lengths[:-1])
+
+
+def captions(batches, tokenizer) -> list[str]:
+    """The caption of every sample in ``batches`` (one per packed document or padded row)."""
+    out = []
+    for b in batches:
+        for row, docs in zip(b["input_ids"], b["document_ids"] if b["document_ids"] is not None else b["input_ids"]):
+            for d in sorted(set(docs.tolist()) - {0}) if b["document_ids"] is not None else [None]:
+                ids = row[docs == d] if d is not None else row[row != tokenizer.pad_token_id]
+                out.append(tokenizer.decode(ids[ids != tokenizer.pad_token_id], skip_special_tokens=True).strip())
+    return out
+
+
+def test_a_limited_stream_reads_the_same_seeded_samples_in_every_epoch_and_both_dot_orders(datasets, tiny_tokenizer):
+    from pipeline.data.phases import PhasedLoader
+
+    # 2 micro-batches of 4 samples per step, 2 steps per DOT order = 2 epochs of the 8-sample subset per order
+    config = config_for((datasets["a"], 1), micro=4)
+    config.data.datasets[0].samples = 8
+    config.data.orders, config.train.total_steps = ["ti", "it"], 4
+    started = []
+    loader = PhasedLoader(config, tiny_tokenizer, on_start=started.append)
+    seen = {step: captions(loader.micro_batches(step, 2), tiny_tokenizer) for step in range(4)}
+    loader.close()
+    assert [(s["phase"], s["order"], s["start_step"], s["epoch_samples"]) for s in started] == [
+        ("data/ti", "ti", 0, 8), ("data/it", "it", 2, 8)]
+    assert started[0]["streams"] == [{"path": str(datasets["a"]), "samples": 24, "per_epoch": 8}]
+    for step in range(4):                          # an epoch is 8 distinct samples of the 24
+        assert len(seen[step]) == len(set(seen[step])) == 8 and all(c.startswith("alpha") for c in seen[step])
+    subset = set(seen[0])
+    assert set(seen[1]) == set(seen[2]) == set(seen[3]) == subset   # the same 8, in each epoch and order
+    assert seen[2] == seen[0] and seen[3] == seen[1]                # each order reads them in the same sequence
+    other_seed = config_for((datasets["a"], 1), micro=4, seed=18)
+    other_seed.data.datasets[0].samples = 8
+    loader = PhasedLoader(other_seed, tiny_tokenizer)
+    assert set(captions(loader.micro_batches(0, 2), tiny_tokenizer)) != subset
+    loader.close()
+
+
+def test_phased_loader_resumes_inside_the_second_phase_at_the_exact_sample(datasets, tiny_tokenizer):
+    from pipeline.data.phases import PhasedLoader
+
+    config = config_for((datasets["a"], 1), micro=4)
+    config.data.datasets = None
+    config.data.phases = [DataPhase("alpha", 0, datasets=[DatasetSource(str(datasets["a"]))]),
+                          DataPhase("beta", 2, datasets=[DatasetSource(str(datasets["b"]), samples=12)])]
+    config.train.total_steps = 6
+    loader = PhasedLoader(config, tiny_tokenizer)
+    first = {step: captions(loader.micro_batches(step, 1), tiny_tokenizer) for step in range(4)}
+    state = loader.state_dict()
+    rest = [captions(loader.micro_batches(step, 1), tiny_tokenizer) for step in (4, 5)]
+    loader.close()
+    assert all(c.startswith("alpha") for s in (0, 1) for c in first[s])
+    assert all(c.startswith("beta") for batch in (first[2], first[3], *rest) for c in batch)
+    assert state["phase"] == "beta" and state["loader"]["sample_in_epoch"] == 8
+    resumed = PhasedLoader(config, tiny_tokenizer)
+    resumed.load_state_dict(state, 4)
+    assert [captions(resumed.micro_batches(step, 1), tiny_tokenizer) for step in (4, 5)] == rest
+    # 12 of beta's 24 samples per epoch: step 4 ends the first epoch, step 5 starts the second
+    assert len(set(first[2] + first[3] + rest[0])) == 12
+    resumed.close()

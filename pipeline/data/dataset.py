@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from pipeline.config import Config, DataConfig, resolve_path
+from pipeline.config import Config, DataConfig, DataPhase, data_phases, resolve_path
 from pipeline.data.collate import SKIP_KEY, Collator
 from pipeline.data.format import check_manifest, image_lengths, read_manifest, split_images
 from pipeline.data.mixture import load_mixture
@@ -41,10 +41,19 @@ class StreamSource:
     name: str
     local: str
     proportion: float
+    samples: int | None = None
+    """A seeded sample of this many samples per epoch (streaming's ``choose``); None: all, by ``proportion``."""
+
+    def stream(self) -> Stream:
+        """The mosaicml-streaming Stream of this source."""
+        if self.samples is not None:
+            return Stream(local=self.local, choose=self.samples)
+        return Stream(local=self.local, proportion=self.proportion)
 
 
-def resolve_sources(data: DataConfig) -> list[StreamSource]:
-    """The streams of ``data``: from the mixture file (:mod:`pipeline.data.mixture`) or the ``datasets`` list."""
+def resolve_sources(data: DataPhase | DataConfig) -> list[StreamSource]:
+    """The streams of one data phase: from the mixture file (:mod:`pipeline.data.mixture`) or the
+    ``datasets`` list."""
     if data.mixture is not None:
         path = str(resolve_path(data.mixture))
         try:
@@ -55,7 +64,7 @@ def resolve_sources(data: DataConfig) -> list[StreamSource]:
                    for name, local, p in entries]
     elif data.datasets:
         sources = [StreamSource(s.name or os.path.basename(os.path.normpath(s.path)), str(resolve_path(s.path)),
-                                s.proportion) for s in data.datasets]
+                                s.proportion, s.samples) for s in data.datasets]
     else:
         raise ConfigError("config has no data: set `data.mixture` or `data.datasets`")
     sources = [s for s in sources if s.proportion > 0]
@@ -114,21 +123,32 @@ class AKIDataLoader(StreamingDataLoader):
 
 
 def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: ImageProcessorFn | None = None,
-                  check: bool = True) -> AKIStreamingDataset:
-    """The recipe's StreamingDataset (checks the manifests first unless ``check`` is False)."""
+                  check: bool = True, phase: DataPhase | None = None) -> AKIStreamingDataset:
+    """The StreamingDataset of one data phase (default: the recipe's first); checks the manifests first
+    unless ``check`` is False.
+
+    Streams limited to ``samples`` use streaming's fixed sampling: the same seeded subset in every epoch.
+    """
     size = get_model_size(config.model.size)
-    sources = resolve_sources(config.data)
+    phase = phase or data_phases(config.data)[0]
+    sources = resolve_sources(phase)
     if check:
         check_sources(sources, size.num_visual_tokens, tokenizer_fingerprint, config.model.text_layout)
     if image_processor is None:
         from pipeline.model.images import ImageProcessor
 
         image_processor = ImageProcessor(size.image_size)
-    streams = [Stream(local=s.local, proportion=s.proportion) for s in sources]
-    return AKIStreamingDataset(
+    limited = any(s.samples is not None for s in sources)
+    dataset = AKIStreamingDataset(
         image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
-        streams=streams, batch_size=config.train.micro_batch_size, shuffle=config.data.shuffle,
-        shuffle_seed=config.data.shuffle_seed)
+        streams=[s.stream() for s in sources], batch_size=config.train.micro_batch_size,
+        shuffle=config.data.shuffle, shuffle_seed=config.data.shuffle_seed,
+        sampling_method="fixed" if limited else "balanced")
+    for source, available in zip(sources, dataset.samples_per_stream.tolist()):
+        if source.samples is not None and source.samples > available:
+            raise ConfigError(f"data phase {phase.name!r}: stream {source.name!r} ({source.local}) holds {available} "
+                              f"samples, fewer than its `samples` ({source.samples}); lower `samples` or drop it")
+    return dataset
 
 
 def build_collator(config: Config, pad_id: int) -> Collator:
@@ -139,7 +159,7 @@ def build_collator(config: Config, pad_id: int) -> Collator:
 
 
 def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProcessorFn | None = None,
-                     check: bool = True) -> AKIDataLoader:
+                     check: bool = True, phase: DataPhase | None = None) -> AKIDataLoader:
     """Micro-batch loader of one rank: ``micro_batch_size`` samples per batch, collated by the recipe.
 
     Rank and world size come from the usual environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) that
@@ -147,7 +167,7 @@ def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProce
     """
     from pipeline.model.tokenizer import tokenizer_fingerprint
 
-    dataset = build_dataset(config, tokenizer_fingerprint(tokenizer), image_processor, check)
+    dataset = build_dataset(config, tokenizer_fingerprint(tokenizer), image_processor, check, phase)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return AKIDataLoader(dataset, batch_size=config.train.micro_batch_size, collate_fn=build_collator(config, pad_id),
                          num_workers=config.data.num_workers, drop_last=True,
