@@ -22,8 +22,6 @@ from typing import Any, Callable, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GIB = 1024 ** 3
-# NVIDIA's dense bf16 tensor-core peak of one H100 SXM (H200: same compute); the MFU denominator.
-H100_BF16_PEAK_FLOPS = 989e12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +49,11 @@ GOALS: dict[str, Goal] = {
         "FlexAttention fwd+bwd peak memory above its inputs, in units of one batch×heads×L² bf16 tensor",
         1.0, "tensors", higher_is_better=False, needs_gpu=True),
     "train_step.pt_mfu": Goal(
-        "PT model-FLOPs utilisation, AKI-4B (random init), one H100/H200, bf16", 50.0, "% of 989 TFLOP/s",
+        "PT model-FLOPs utilisation, AKI-4B (random init), one H100/H200, bf16", 50.0,
+        "% of the GPU's dense bf16 peak (989 TFLOP/s on H100 SXM / H200)",
         needs_gpu=True),
     "train_step.sft_useful_mfu": Goal(
-        "SFT MFU on useful (non-pad) tokens, packed batches, AKI-4B", 45.0, "% of 989 TFLOP/s",
+        "SFT MFU on useful (non-pad) tokens, packed batches, AKI-4B", 45.0, "% of the GPU's dense bf16 peak",
         needs_gpu=True),
     "train_step.sft_peak_memory": Goal(
         "peak GPU memory, full SFT step of AKI-4B on one H100", 75.0, "GiB", higher_is_better=False,

@@ -28,9 +28,12 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 from pipeline.recipes import (ConfigError, Proportion, apply_overrides, build_dataclass, read_recipe,
                               resolve_recipe)
@@ -268,6 +271,13 @@ def validate(config: Config) -> None:
                           f"`train.micro_batch_size` ({t.micro_batch_size})")
     if t.output_dir is None:
         t.output_dir = os.path.join("runs", config.name)
+
+
+def training_dtype(config: Config) -> "torch.dtype":
+    """The dtype the model trains in (``train.precision``); the collator ships pixels in it."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[config.train.precision]
 
 
 def grad_accum_steps(config: Config, world_size: int) -> int:

@@ -40,7 +40,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import (Config, ConfigError, fill_deepspeed_config, load_config, offloads_optimizer,
                              save_config, validate_launch)
 from pipeline.distributed import setup_distributed
-from pipeline.flops import BatchShape, causal_pairs, count_model, step_flops
+from pipeline.flops import BatchShape, count_model, step_flops, visible_pairs
 from pipeline.metrics import MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
 from pipeline.tokens import PAD
 from pipeline.zero3 import register_zero_config
@@ -228,11 +228,14 @@ class Trainer:
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         import torch.distributed as dist
 
+        batches = [self.dot.apply(b, self.step) for b in batches]
+        mode, n_visual = self.config.model.attention_mode, self.flops.num_latents
         counts = torch.tensor([sum(b["num_target_tokens"] for b in batches),
                                sum(int((b["modality_ids"] != PAD).sum()) for b in batches),
                                sum(b["modality_ids"].numel() for b in batches),
                                sum(int(b["pixel_values"].shape[0]) for b in batches),
-                               sum(causal_pairs(b["modality_ids"], b.get("document_ids")) for b in batches),
+                               sum(visible_pairs(b["modality_ids"], b.get("document_ids"), mode, n_visual)
+                                   for b in batches),
                                sum(b["num_samples"] for b in batches),
                                float(self.stop_signal is not None)], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
@@ -241,7 +244,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         lr = self.scheduler.get_last_lr()[0]
         for i, batch in enumerate(batches):
-            inputs = self._to_device(self.dot.apply(batch, self.step))
+            inputs = self._to_device(batch)
             out = self.engine(**inputs, return_logits=False, validate=False)
             loss_sum += out.loss_sum.detach().float()
             loss = out.loss_sum * scale
