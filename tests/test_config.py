@@ -105,8 +105,8 @@ def test_unknown_recipe_name_suggests_the_closest():
 
 
 def test_batch_must_divide_by_micro_batch_times_world_size():
-    c = load_config("aki4b_pt_kale")  # 192 = micro 8 x ranks x accumulation
-    assert grad_accum_steps(c, 8) == 3 and grad_accum_steps(c, 24) == 1
+    c = load_config("aki4b_pt_kale")  # 192 = micro 24 x ranks x accumulation
+    assert grad_accum_steps(c, 8) == 1 and grad_accum_steps(c, 2) == 4
     with pytest.raises(ConfigError, match=r"not divisible .* x world size \(5\)"):
         grad_accum_steps(c, 5)
 
