@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ def test_results_table_marks_gpu_goals_open_on_cpu(tmp_path):
     assert figs["loader tiny"]["met"] == "n/a (32² images)"
     readme = (tmp_path / "README.md").read_text()
     goal_rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.splitlines() if line.startswith("| ")}
-    assert "to be taken on H100/H200" in goal_rows[common.GOALS["train_step.pt_mfu"].what]
+    assert goal_rows[common.GOALS["train_step.pt_mfu"].what].endswith("| not measured (no GPU): run "
+                                                                     "bench/gpu_check.sh on an H100/H200 |")
     assert "400 samples/s/core" in goal_rows[common.GOALS["loader.samples_per_core"].what]   # best decided figure
     assert "not measured" in goal_rows[common.GOALS["prep.samples_per_core"].what]
 
@@ -126,9 +128,36 @@ def test_train_step_bench_tiny(tmp_path):
         achieved = figs[f"{run}: achieved model FLOP/s (useful)"]["value"] * 1e12
         assert figs[f"{run}: MFU, useful tokens"]["value"] == pytest.approx(100 * achieved / 1e12)
         assert result.settings[run]["samples"] >= 1
-    # packing fills rows: less padding than one padded row per sample
+    # packing fills rows: less padding than one padded row per sample; packed rows have the one static width
     packed, padded = result.settings["sft-packed"], result.settings["sft-padded"]
     assert packed["tokens"] / packed["grid_tokens"] > padded["tokens"] / padded["grid_tokens"]
+    assert packed["width"] == 512 and result.settings["world_size"] == 1
+
+
+def test_train_step_bench_runs_the_trainers_deepspeed_step(tmp_path):
+    """``--engine deepspeed``: the recipe's ZeRO-3 engine and the trainer's micro-batch loop, one rank."""
+    import subprocess
+    import sys
+
+    from dist_utils import REPO, show
+
+    cmd = [sys.executable, "-m", "bench.train_step", "--engine", "deepspeed", "--device", "cpu", "--size", "tiny",
+           "--pt-recipe", "tiny_pt", "--sft-recipe", "tiny_sft", "--runs", "pt-packed", "sft-packed",
+           "--micro-batch", "3", "--text-mean", "40", "--warmup", "1", "--iters", "1", "--peak-flops", "1e12",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, show(proc)
+    record = json.loads((tmp_path / "train_step-deepspeed-zero3-cpu.json").read_text())
+    s = record["settings"]
+    assert s["zero_stage"] == 3 and s["world_size"] == 1 and s["activation_checkpointing"] is False
+    assert s["frozen_vision_kept_gathered"] is True          # SigLIP gathered once, never re-partitioned
+    assert s["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 3
+    for run, width in (("pt-packed", 512), ("sft-packed", 1024)):         # the recipes' data.pack_tokens
+        assert s[run]["micro_batch"] == 3 and s[run]["samples"] == 3 and s[run]["width"] == width
+    assert any("ZeRO stage 3" in n and "world size 1" in n for n in record["notes"])
+    figs = {f["name"]: f for f in record["figures"]}
+    assert figs["pt-packed: MFU, useful tokens"]["value"] > 0
 
 
 def test_loader_bench_tiny(tmp_path):
