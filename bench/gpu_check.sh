@@ -13,7 +13,7 @@
 # (device name, command, settings, peak memory) and refreshes bench/results/README.md. The log goes to bench/results/gpu_check.log. World size 1 holds every
 # shard of the model states (~71 GB for AKI-4B): the DeepSpeed steps need the 141 GB of an H200.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT_DIR:-bench/results}
 LOG="$OUT/gpu_check.log"
 PY=${PYTHON:-python}

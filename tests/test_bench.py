@@ -153,7 +153,7 @@ def test_train_step_bench_runs_the_trainers_deepspeed_step(tmp_path):
     assert s["zero_stage"] == 3 and s["world_size"] == 1 and s["activation_checkpointing"] is False
     assert s["frozen_vision_kept_gathered"] is True          # SigLIP gathered once, never re-partitioned
     assert s["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 3
-    for run, width in (("pt-packed", 512), ("sft-packed", 1024)):         # the recipes' data.pack_tokens
+    for run, width in (("pt-packed", 256), ("sft-packed", 544)):         # the recipes' data.pack_tokens
         assert s[run]["micro_batch"] == 3 and s[run]["samples"] == 3 and s[run]["width"] == width
     assert any("ZeRO stage 3" in n and "world size 1" in n for n in record["notes"])
     figs = {f["name"]: f for f in record["figures"]}

@@ -91,7 +91,7 @@ def test_set_overrides_parse_values_with_yaml():
     ("train.micro_batch_size=3", "not a multiple of `train.micro_batch_size`"),
     ("train.total_steps=ten", "`train.total_steps` must be an integer"),
     ("optim.betas=[0.9]", "`optim.betas` must have 2 values"),
-    ("data.max_length=1024", "`data.pack_tokens` \\(512\\) is smaller than `data.max_length`"),
+    ("data.max_length=1024", "`data.pack_tokens` \\(256\\) is smaller than `data.max_length`"),
     ("noequals", "not of the form section.key=value"),
 ])
 def test_bad_config_is_one_clear_error(override, message):
