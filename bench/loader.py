@@ -42,7 +42,7 @@ def write_datasets(work: str, samples: int, size_name: str, per_tar: int) -> tup
 
     from data_prep.records import Sample
     from data_prep.writer import Converter, DatasetWriter, EncodeSettings
-    from pipeline.chat import pretrain_segments
+    from pipeline.chat import Caption
     from pipeline.model.sizes import get_model_size
     from pipeline.model.tokenizer import build_tiny_tokenizer
 
@@ -58,7 +58,7 @@ def write_datasets(work: str, samples: int, size_name: str, per_tar: int) -> tup
     with DatasetWriter(mds, converter.new_manifest("bench", "synthetic")) as writer, \
             wds.ShardWriter(pattern, maxcount=per_tar, verbose=0) as sink:
         for i, text in enumerate(texts):
-            row = converter.convert(Sample(f"{i:09d}", [pictures[i % len(pictures)]], pretrain_segments(text)),
+            row = converter.convert(Sample(f"{i:09d}", [pictures[i % len(pictures)]], Caption(text)),
                                     "bench")
             sink.write({"__key__": row["id"], "jpg": row["images"], "input_ids.npy": row["input_ids"],
                         "modality_ids.npy": row["modality_ids"]})

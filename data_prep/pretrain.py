@@ -32,7 +32,7 @@ from data_prep.records import EMPTY_TEXT, MALFORMED_RECORD, MISSING_IMAGE, NON_U
 from data_prep.tars import Members, list_tars, read_samples
 from data_prep.writer import (SHARD_SIZE_LIMIT, START_METHOD, DatasetWriter, EncodeSettings, cached_converter,
                               check_reusable, is_done)
-from pipeline.chat import pretrain_segments
+from pipeline.chat import Caption
 from pipeline.data.format import Manifest, read_manifest
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -119,7 +119,7 @@ def parse_sample(key: str, members: Members, source: PretrainSource, options: Ca
         return Skip(err.reason, key, str(err))
     if not caption:
         return Skip(EMPTY_TEXT, key, "empty caption")
-    return Sample(id=key, images=[image], segments=pretrain_segments(caption))
+    return Sample(id=key, images=[image], content=Caption(caption))
 
 
 @dataclasses.dataclass(frozen=True)

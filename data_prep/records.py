@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence, Union
 
-from pipeline.chat import Segment
+from pipeline.chat import Content
 
 CORRUPT_IMAGE = "corrupt_image"        # image bytes PIL cannot decode (corrupt or truncated file)
 MISSING_IMAGE = "missing_image"        # the record names an image file that does not exist
@@ -26,11 +26,12 @@ ImageRef = Union[str, bytes]
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """One training sample before tokenization: its images and its chat segments."""
+    """One training sample before tokenization: its images and its text content (a ``Caption`` or a
+    ``Chat``; the writer lays it out in the dataset's text layout, ``pipeline.chat``)."""
 
     id: str
     images: Sequence[ImageRef]
-    segments: Sequence[Segment]
+    content: Content
     flags: Sequence[str] = ()      # facts counted in the manifest (e.g. ``clamped_box``)
 
 

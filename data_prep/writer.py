@@ -18,7 +18,7 @@ from streaming import MDSWriter
 
 from data_prep.images import ImageError, read_image_file, to_encoder_jpeg
 from data_prep.records import OVER_LENGTH, Parsed, Skip
-from pipeline.chat import OverLength, encode
+from pipeline.chat import DEFAULT_LAYOUT, LAYOUTS, OverLength, encode, get_layout
 from pipeline.data.format import MDS_COLUMNS, Manifest, join_images
 from pipeline.model.sizes import get_model_size
 from pipeline.model.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -39,6 +39,7 @@ class EncodeSettings:
     tokenizer_path: str
     model_size: str
     max_text_tokens: int
+    text_layout: str = DEFAULT_LAYOUT     # pipeline.chat layout of the text
 
 
 class Converter:
@@ -51,11 +52,12 @@ class Converter:
         self.image_size = size.image_size
         self.num_visual_tokens = size.num_visual_tokens
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.layout = get_layout(settings.text_layout)
 
     def new_manifest(self, source: str, license: str, **extra: Any) -> Manifest:
         """An empty manifest stamped with this converter's N, image size and tokenizer."""
         return Manifest(source=source, num_visual_tokens=self.num_visual_tokens, image_size=self.image_size,
-                        tokenizer_fingerprint=self.fingerprint, license=license,
+                        tokenizer_fingerprint=self.fingerprint, text_layout=self.layout.name, license=license,
                         extra={"max_text_tokens": self.settings.max_text_tokens,
                                "model_size": self.settings.model_size, **extra})
 
@@ -69,7 +71,8 @@ class Converter:
         except ImageError as err:
             return Skip(err.reason, item.id, str(err))
         try:
-            enc = encode(self.tokenizer, item.segments, self.num_visual_tokens, self.settings.max_text_tokens)
+            segments = self.layout.segments(item.content, len(item.images))
+            enc = encode(self.tokenizer, segments, self.num_visual_tokens, self.settings.max_text_tokens)
         except OverLength as err:
             return Skip(OVER_LENGTH, item.id, str(err))
         if enc.num_images != len(jpegs):
@@ -156,13 +159,15 @@ def add_encode_args(parser, default_max_text_tokens: int) -> None:
                         help="pipeline.model.sizes entry: gives the image size and N visual tokens per image")
     parser.add_argument("--max-text-tokens", type=int, default=default_max_text_tokens,
                         help="text-token budget per sample (image slots not counted); longer targets are cut")
+    parser.add_argument("--text-layout", default=DEFAULT_LAYOUT, choices=sorted(LAYOUTS),
+                        help="text layout (pipeline.chat): 'released' is the released AKI-4B's, the default")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="worker processes (default: all cores)")
 
 
 def settings_from_args(args) -> EncodeSettings:
     get_model_size(args.model_size)          # fail early on an unknown size
-    return EncodeSettings(str(args.tokenizer), args.model_size, args.max_text_tokens)
+    return EncodeSettings(str(args.tokenizer), args.model_size, args.max_text_tokens, args.text_layout)
 
 
 def check_reusable(folder: str, expected: Manifest) -> None:
@@ -170,7 +175,7 @@ def check_reusable(folder: str, expected: Manifest) -> None:
     from pipeline.data.format import read_manifest
 
     found = read_manifest(folder)
-    keys = ("num_visual_tokens", "image_size", "tokenizer_fingerprint")
+    keys = ("num_visual_tokens", "image_size", "tokenizer_fingerprint", "text_layout")
     diffs = [f"{k} {getattr(found, k)} != {getattr(expected, k)}" for k in keys
              if getattr(found, k) != getattr(expected, k)]
     for k in ("max_text_tokens", "options", "ocr_granularity", "ocr_include_raw_caption"):

@@ -1,32 +1,44 @@
-"""The prompt templates (paper Table 5) and their encoding into ``input_ids`` + ``modality_ids``.
+"""Text layouts (paper Table 5 templates) and their encoding into ``input_ids`` + ``modality_ids``.
 
 This is the one place the chat format lives. Data prep, training-time re-ordering, generation and
-evaluation all build samples through :func:`pretrain_segments` / :func:`chat_segments` and
+evaluation all build samples through :func:`pretrain_segments` / :func:`chat_segments` (or a
+layout's :meth:`TextLayout.segments` for layout-neutral :class:`Caption` / :class:`Chat` content) and
 :func:`encode`.
 
-Pre-training (Table 5)::
+Two named layouts (:data:`LAYOUTS`), both starting every sample with BOS:
 
-    <s><image>{caption}<|endofchunk|>
+``released`` (default; the layout the released AKI-4B was trained on, see OFFICIAL_AKI.md)::
 
-Supervised finetuning (Phi-3 chat format)::
+    PT:   <s><image>{caption}<|endofchunk|><|endoftext|>
+    SFT:  <s><|system|>\\n{system}<|end|>\\n<|user|>\\n<image>\\n{input}<|end|>\\n<|assistant|>\\n{target}<|endoftext|>
 
-    <s><|system|>\\n{system}<|end|>\\n<|user|>\\n<image>\\n{input}<|end|>\\n<|assistant|>\\n{target}<|end|>
+  The target starts right after ``<|assistant|>`` (its ``\\n`` is a target token) and ends with EOS,
+  no ``<|end|>``. One turn per sample (multi-turn dialogues are split, :meth:`TextLayout.split_turns`).
+  With the ``mma`` mode, image tokens then see the prompt up to and including ``<|assistant|>`` and never
+  the answer: the official mask.
 
-where ``<image>`` becomes N image-slot tokens (N = the model's visual tokens). Each segment is
-tokenized on its own, so the boundaries between roles are exact; every token of a segment gets the
-segment's modality. A multi-turn conversation repeats ``\\n<|user|>\\n…<|end|>\\n<|assistant|>\\n…<|end|>``
-with every answer TEXT_TARGET. The answer ends with ``<|end|>`` (TEXT_TARGET), so a model learns to stop;
-generation stops at ``<|end|>``, ``<|endofchunk|>`` or EOS.
+``phi3_chat`` (Phi-3's own chat format)::
+
+    PT:   <s><image>{caption}<|endofchunk|>
+    SFT:  <s><|system|>\\n{system}<|end|>\\n<|user|>\\n<image>\\n{input}<|end|>\\n<|assistant|>\\n{target}<|end|>
+
+  Multi-turn conversations repeat ``\\n<|user|>\\n…<|end|>\\n<|assistant|>\\n…<|end|>``.
+
+``<image>`` becomes N image-slot tokens (N = the model's visual tokens). :func:`encode` tokenizes the
+whole text of a sample at once, as the official code does, and gives every token the modality of the
+segment its text came from (a token straddling two segments is refused, so the boundaries are exact).
+Generation prompts end where the answer starts; in the released layout the prompt carries the
+answer's leading ``\\n`` as its first (TEXT_TARGET) token.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.model.tokenizer import (ASSISTANT_TAG, END_OF_CHUNK, END_TAG, SYSTEM_TAG, USER_TAG,
+from pipeline.model.tokenizer import (ASSISTANT_TAG, END_OF_CHUNK, END_TAG, IMAGE_TOKEN, SYSTEM_TAG, USER_TAG,
                                       image_token_id)
 from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
 
@@ -36,10 +48,11 @@ SYSTEM_MESSAGE = ("A chat between a curious user and an artificial intelligence 
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """A run of tokens with one modality: text (``text`` set) or one image (``text`` None)."""
+    """A run of tokens with one modality: text (``text`` set), one image, or the end-of-text token."""
 
     modality: int
     text: str | None = None
+    end_of_text: bool = False    # the tokenizer's EOS (a TEXT_TARGET segment without text)
 
 
 def image() -> Segment:
@@ -47,37 +60,131 @@ def image() -> Segment:
     return Segment(IMAGE)
 
 
-def pretrain_segments(caption: str) -> list[Segment]:
-    """PT template ``<image>{caption}<|endofchunk|>``: the caption is the target."""
-    return [image(), Segment(TEXT_TARGET, caption + END_OF_CHUNK)]
+EOS_SEGMENT = Segment(TEXT_TARGET, end_of_text=True)
 
 
-def chat_segments(turns: Sequence[tuple[str, str | None]], num_images: int = 1,
-                  system: str = SYSTEM_MESSAGE) -> list[Segment]:
-    """SFT template for one or more (user input, assistant answer) turns.
+# ---- layout-neutral content ---------------------------------------------------------------------------
 
-    The images go at the start of the first user turn. A final turn whose answer is None ends the
-    prompt with ``<|assistant|>\\n`` — the form generation and evaluation prefill.
-    """
-    if not turns:
-        raise ValueError("chat_segments needs at least one (input, answer) turn")
-    segs = [Segment(TEXT_INPUT, f"{SYSTEM_TAG}\n{system}{END_TAG}\n")]
-    for i, (user, answer) in enumerate(turns):
-        if i == 0 and num_images:
-            segs.append(Segment(TEXT_INPUT, f"{USER_TAG}\n"))
-            segs.extend(image() for _ in range(num_images))
-            segs.append(Segment(TEXT_INPUT, f"\n{user}{END_TAG}\n{ASSISTANT_TAG}\n"))
-        else:
-            segs.append(Segment(TEXT_INPUT, f"{USER_TAG}\n{user}{END_TAG}\n{ASSISTANT_TAG}\n"))
-        if answer is None:
+@dataclasses.dataclass(frozen=True)
+class Caption:
+    """A pre-training sample's text: the caption of its image."""
+
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    """An SFT sample's text: (user input, assistant answer) turns; a last answer None is a prompt."""
+
+    turns: tuple[tuple[str, str | None], ...]
+    system: str = SYSTEM_MESSAGE
+
+
+Content = Union[Caption, Chat]
+
+
+# ---- layouts --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TextLayout:
+    """How content becomes text: what closes an answer, whether samples end with EOS, turn splitting."""
+
+    name: str
+    answer_end: str          # text closing each answer ("" when the sample's EOS closes it)
+    end_with_eos: bool       # every training sample ends with EOS (TEXT_TARGET)
+    newline_in_answer: bool  # the ``\n`` after ``<|assistant|>`` belongs to the answer (TEXT_TARGET)
+    single_turn: bool        # one (input, answer) turn per sample
+    description: str = ""
+
+    def pretrain_segments(self, caption: str) -> list[Segment]:
+        """PT template ``<image>{caption}<|endofchunk|>`` (then EOS): the caption is the target."""
+        segs = [image(), Segment(TEXT_TARGET, caption + END_OF_CHUNK)]
+        return segs + [EOS_SEGMENT] if self.end_with_eos else segs
+
+    def chat_segments(self, turns: Sequence[tuple[str, str | None]], num_images: int = 1,
+                      system: str = SYSTEM_MESSAGE) -> list[Segment]:
+        """SFT template for (user input, assistant answer) turns; the images open the first user turn.
+
+        A last turn whose answer is None ends the prompt where the answer starts — the form generation
+        and evaluation prefill.
+        """
+        if not turns:
+            raise ValueError("chat_segments needs at least one (input, answer) turn")
+        if self.single_turn and len(turns) > 1:
+            raise ValueError(f"layout {self.name!r} holds one turn per sample, got {len(turns)}: split the "
+                             "conversation with TextLayout.split_turns")
+        newline = "" if self.newline_in_answer else "\n"
+        segs = [Segment(TEXT_INPUT, f"{SYSTEM_TAG}\n{system}{END_TAG}\n")]
+        for i, (user, answer) in enumerate(turns):
+            if i == 0 and num_images:
+                segs.append(Segment(TEXT_INPUT, f"{USER_TAG}\n"))
+                segs.extend(image() for _ in range(num_images))
+                segs.append(Segment(TEXT_INPUT, f"\n{user}{END_TAG}\n{ASSISTANT_TAG}{newline}"))
+            else:
+                segs.append(Segment(TEXT_INPUT, f"{USER_TAG}\n{user}{END_TAG}\n{ASSISTANT_TAG}{newline}"))
+            if answer is None:
+                if i != len(turns) - 1:
+                    raise ValueError("only the last turn may leave its answer empty (the prompt to answer)")
+                if self.newline_in_answer:
+                    segs.append(Segment(TEXT_TARGET, "\n"))
+                return segs
+            segs.append(Segment(TEXT_TARGET, ("\n" if self.newline_in_answer else "") + answer + self.answer_end))
             if i != len(turns) - 1:
-                raise ValueError("only the last turn may leave its answer empty (the prompt to answer)")
-            break
-        segs.append(Segment(TEXT_TARGET, f"{answer}{END_TAG}"))
-        if i != len(turns) - 1:
-            segs.append(Segment(TEXT_INPUT, "\n"))
-    return segs
+                segs.append(Segment(TEXT_INPUT, "\n"))
+        return segs + [EOS_SEGMENT] if self.end_with_eos else segs
 
+    def segments(self, content: Content, num_images: int) -> list[Segment]:
+        """The segments of layout-neutral ``content`` with ``num_images`` images."""
+        if isinstance(content, Caption):
+            if num_images != 1:
+                raise ValueError(f"a caption sample has exactly one image, got {num_images}")
+            return self.pretrain_segments(content.text)
+        return self.chat_segments(content.turns, num_images, content.system)
+
+    def split_turns(self, turns: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+        """The samples one conversation becomes: one per turn for single-turn layouts, else one."""
+        return [[t] for t in turns] if self.single_turn else [list(turns)]
+
+    @property
+    def prompt_end(self) -> str:
+        """The text that ends a prompt's input part (the question's end and the assistant tag)."""
+        return f"{END_TAG}\n{ASSISTANT_TAG}" + ("" if self.newline_in_answer else "\n")
+
+
+LAYOUTS: dict[str, TextLayout] = {
+    layout.name: layout for layout in (
+        TextLayout("released", answer_end="", end_with_eos=True, newline_in_answer=True, single_turn=True,
+                   description="the released AKI-4B's layout: BOS … EOS, answer from the \\n after "
+                               "<|assistant|> to EOS"),
+        TextLayout("phi3_chat", answer_end=END_TAG, end_with_eos=False, newline_in_answer=False,
+                   single_turn=False, description="Phi-3 chat: answers end with <|end|>, multi-turn samples"),
+    )
+}
+DEFAULT_LAYOUT = "released"
+
+
+def get_layout(name: str | TextLayout) -> TextLayout:
+    """Look up a layout by name (a :class:`TextLayout` passes through), with a clear error."""
+    if isinstance(name, TextLayout):
+        return name
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise ValueError(f"unknown text layout {name!r}; known layouts: {', '.join(sorted(LAYOUTS))}") from None
+
+
+def pretrain_segments(caption: str, layout: str | TextLayout = DEFAULT_LAYOUT) -> list[Segment]:
+    """PT segments of ``caption`` in ``layout`` (see :meth:`TextLayout.pretrain_segments`)."""
+    return get_layout(layout).pretrain_segments(caption)
+
+
+def chat_segments(turns: Sequence[tuple[str, str | None]], num_images: int = 1, system: str = SYSTEM_MESSAGE,
+                  layout: str | TextLayout = DEFAULT_LAYOUT) -> list[Segment]:
+    """SFT segments of ``turns`` in ``layout`` (see :meth:`TextLayout.chat_segments`)."""
+    return get_layout(layout).chat_segments(turns, num_images, system)
+
+
+# ---- encoding -------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Encoded:
@@ -98,40 +205,74 @@ class OverLength(ValueError):
     """The prompt alone exceeds the text budget: the sample cannot be kept."""
 
 
+def _tokenize_text(tokenizer: PreTrainedTokenizerBase, segments: Sequence[Segment]
+                   ) -> tuple[list[int], list[int]]:
+    """Tokenize the segments' joined text at once; return ids and the modality of each id.
+
+    Each image is written as one ``<image>`` token. The modality of a token is that of the segment
+    where its text starts; every boundary is checked to fall between two tokens (the tokens of the text
+    before it are a prefix of the whole text's tokens).
+    """
+    text, bounds = "", []
+    for seg in segments:
+        text += IMAGE_TOKEN if seg.modality == IMAGE else seg.text
+        bounds.append(len(text))
+    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+    mods, start = [], 0
+    for seg, end in zip(segments, bounds):
+        if end == len(text):
+            stop = len(ids)
+        else:
+            prefix = tokenizer.encode(text[:end], add_special_tokens=False)
+            stop = len(prefix)
+            if prefix != ids[:stop]:
+                    raise ValueError(f"the tokenizer merges text across the boundary after "
+                                 f"{text[max(0, end - 20):end]!r}; a token must not span two roles of the template")
+        mods.extend([seg.modality] * (stop - start))
+        start = stop
+    return ids, mods
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, segments: Sequence[Segment], num_visual_tokens: int,
            max_text_tokens: int | None = None, add_bos: bool = True) -> Encoded:
     """Tokenize ``segments`` into ids and per-token modality ids.
 
     ``max_text_tokens`` bounds the text tokens (image slots are not counted, as in the paper's max
-    length): the tail of the target text is cut to fit. If the TEXT_INPUT part alone, or the prompt
-    plus at least one target token, does not fit, :class:`OverLength` is raised so the caller can
-    count and drop the sample.
+    length): the tail of the target text is cut to fit, keeping a final EOS. If the TEXT_INPUT part
+    alone, or the prompt plus at least one target token, does not fit, :class:`OverLength` is raised so
+    the caller can count and drop the sample.
     """
+    segments = list(segments)
+    eos = bool(segments) and segments[-1].end_of_text
+    body = segments[:-1] if eos else segments
+    if any(seg.end_of_text for seg in body):
+        raise ValueError("EOS may only end a sample (the last segment)")
+    if eos and tokenizer.eos_token_id is None:
+        raise ValueError("the layout ends samples with EOS but the tokenizer has no eos_token")
+    ids, mods = _tokenize_text(tokenizer, body)
     img_id = image_token_id(tokenizer)
-    ids: list[np.ndarray] = []
-    mods: list[np.ndarray] = []
+    input_ids = np.asarray(ids, np.int64)
+    modality_ids = np.asarray(mods, np.uint8)
+    if len(input_ids) and ((input_ids == img_id) != (modality_ids == IMAGE)).any():
+        raise ValueError(f"text contains the image placeholder {IMAGE_TOKEN!r} outside an image segment")
+    # Expand each image placeholder into N slots.
+    repeats = np.where(modality_ids == IMAGE, num_visual_tokens, 1)
+    input_ids, modality_ids = np.repeat(input_ids, repeats).astype(np.int32), np.repeat(modality_ids, repeats)
     if add_bos and tokenizer.bos_token_id is not None:
-        ids.append(np.array([tokenizer.bos_token_id], np.int32))
-        mods.append(np.array([TEXT_INPUT], np.uint8))
-    for seg in segments:
-        if seg.modality == IMAGE:
-            piece = np.full(num_visual_tokens, img_id, np.int32)
-        else:
-            piece = np.asarray(tokenizer.encode(seg.text, add_special_tokens=False), np.int32)
-        ids.append(piece)
-        mods.append(np.full(len(piece), seg.modality, np.uint8))
-    input_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-    modality_ids = np.concatenate(mods) if mods else np.zeros(0, np.uint8)
+        input_ids = np.concatenate([np.array([tokenizer.bos_token_id], np.int32), input_ids])
+        modality_ids = np.concatenate([np.array([TEXT_INPUT], np.uint8), modality_ids])
     truncated = False
-    if max_text_tokens is not None:
+    budget = None if max_text_tokens is None else max_text_tokens - int(eos)
+    if budget is not None:
         is_text = modality_ids != IMAGE
-        n_text = int(is_text.sum())
-        if n_text > max_text_tokens:
-            # Keep tokens up to the position where the (max_text_tokens)-th text token sits.
-            cut = int(np.flatnonzero(is_text)[max_text_tokens - 1]) + 1 if max_text_tokens > 0 else 0
-            dropped = modality_ids[cut:]
-            kept = modality_ids[:cut]
+        if int(is_text.sum()) > budget:
+            # Keep tokens up to the position where the (budget)-th text token sits.
+            cut = int(np.flatnonzero(is_text)[budget - 1]) + 1 if budget > 0 else 0
+            dropped, kept = modality_ids[cut:], modality_ids[:cut]
             if (dropped == TEXT_INPUT).any() or (dropped == IMAGE).any() or not (kept == TEXT_TARGET).any():
                 raise OverLength(f"prompt needs more than {max_text_tokens} text tokens")
             input_ids, modality_ids, truncated = input_ids[:cut], kept, True
+    if eos:
+        input_ids = np.concatenate([input_ids, np.array([tokenizer.eos_token_id], np.int32)])
+        modality_ids = np.concatenate([modality_ids, np.array([TEXT_TARGET], np.uint8)])
     return Encoded(input_ids, modality_ids, truncated)

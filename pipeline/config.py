@@ -72,6 +72,9 @@ class ModelConfig:
     """Attention kernel: "sdpa" (dense boolean mask, CPU and tests) or "flex_attention" (GPU BlockMask)."""
     activation_checkpointing: bool = False
     """Recompute LLM layer activations in the backward pass (less memory, about 30% more compute)."""
+    text_layout: str = "released"
+    """Text layout of the samples and prompts (pipeline.chat.LAYOUTS): "released" (the released AKI-4B's:
+    BOS … EOS, answers end with EOS) or "phi3_chat"; the data's manifests must say the same."""
 
 
 @dataclasses.dataclass
@@ -221,12 +224,14 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
 
 def validate(config: Config) -> None:
     """Every check that needs neither the world size nor the file system."""
+    from pipeline.chat import LAYOUTS
     from pipeline.model.attention import MODES
     from pipeline.model.sizes import MODEL_SIZES
 
     m, d, o, t = config.model, config.data, config.optim, config.train
     _choice(m.size, MODEL_SIZES, "model.size")
     _choice(m.attention_mode, MODES, "model.attention_mode")
+    _choice(m.text_layout, LAYOUTS, "model.text_layout")
     _choice(m.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
     if d.mixture is not None and d.datasets is not None:
         raise ConfigError("config sets both `data.mixture` and `data.datasets`; keep one")

@@ -64,17 +64,11 @@ def save_skeleton(model: torch.nn.Module, folder: str | os.PathLike) -> None:
 
 def build_skeleton(folder: str | os.PathLike) -> torch.nn.Module:
     """An AKIModel on the meta device (no memory) from :func:`save_skeleton`'s folder or an export folder."""
-    from pipeline.model.aki import AKIModel
-    from pipeline.model.loading import read_config
-    from pipeline.model.sizes import ModelSize
+    from pipeline.model.loading import build_from_config, read_config
     from pipeline.model.tokenizer import load_tokenizer
 
-    config = read_config(folder)
-    size = ModelSize(name=config["size"], vision=config["vision"], resampler=config["resampler"],
-                     llm=config["llm"])
     with torch.device("meta"):
-        model = AKIModel(size, attention_mode=config["attention_mode"],
-                         attn_implementation=config["attn_implementation"])
+        model = build_from_config(read_config(folder))
     if (Path(folder) / "tokenizer_config.json").is_file():
         model.set_tokenizer(load_tokenizer(folder))
     return model

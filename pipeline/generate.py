@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from pipeline.chat import SYSTEM_MESSAGE, Segment, chat_segments, encode
+from pipeline.chat import SYSTEM_MESSAGE, Chat, Segment, encode, get_layout
 from pipeline.model import attention
 from pipeline.model.aki import AKIModel
 from pipeline.model.images import ImageLike
@@ -81,7 +81,7 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
         stop_token_ids = tokenizer_stop_ids(model.tokenizer) if model.tokenizer is not None else []
     pad_id = model.llm.config.pad_token_id or 0
     input_ids, modality_ids = left_pad(prompts, pad_id)
-    device = model.llm.lm_head.weight.device
+    device = next(model.llm.parameters()).device
     input_ids, modality_ids = input_ids.to(device), modality_ids.to(device)
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
@@ -94,7 +94,7 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
         position_ids=attention.position_ids(modality_ids, mode, None, n),
         past_key_values=cache, use_cache=True,
     ).last_hidden_state
-    logits = model.llm.lm_head(hidden[:, -1])
+    logits = model.logits(hidden[:, -1])
     # Decode steps: the new token sees every real prompt token and every generated token.
     visible = modality_ids != PAD
     position = attention.position_ids(modality_ids, mode, None, n)[:, -1] + 1
@@ -110,13 +110,13 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
             break
         visible = torch.cat([visible, torch.ones_like(visible[:, :1])], dim=1)
         hidden = model.llm.model(
-            inputs_embeds=model.llm.get_input_embeddings()(token[:, None]),
+            inputs_embeds=model.embed_tokens(token[:, None]),
             attention_mask=model.backend.from_dense(visible[:, None, None, :]),
             position_ids=position[:, None] + step,
             past_key_values=cache, use_cache=True,
             cache_position=torch.tensor([visible.shape[1] - 1], device=device),
         ).last_hidden_state
-        logits = model.llm.lm_head(hidden[:, -1])
+        logits = model.logits(hidden[:, -1])
     return [_until_stop(row, set(stop_token_ids)) for row in torch.stack(generated, dim=1).tolist()]
 
 
@@ -128,28 +128,32 @@ def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
 
 
 def generate(model: AKIModel, tokenizer: PreTrainedTokenizerBase | None,
-             segments: Sequence[Sequence[Segment]], images: Sequence[Sequence[ImageLike]], *,
+             prompts: Sequence[Chat | Sequence[Segment]], images: Sequence[Sequence[ImageLike]], *,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
              generator: torch.Generator | None = None) -> list[str]:
-    """Answer each prompt (chat segments ending in ``<|assistant|>``, see ``chat.chat_segments`` with
-    answer None) about its images (JPEG bytes, files or PIL images; one per IMAGE segment).
+    """Answer each prompt about its images (JPEG bytes, files or PIL images; one per image slot).
+
+    A prompt is a ``Chat`` whose last answer is None (laid out in the model's text layout with its
+    images) or ready segments (``chat.chat_segments`` with answer None).
 
     ``tokenizer`` None uses the model's own. Returns the decoded answers, special tokens removed.
     """
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is None:
         raise ValueError("no tokenizer: pass one, or load the model from an export folder (it holds one)")
-    if len(segments) != len(images):
-        raise ValueError(f"{len(segments)} prompts but {len(images)} image lists; give one list per prompt")
-    prompts = []
-    for i, (segs, imgs) in enumerate(zip(segments, images)):
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
+    layout = get_layout(model.text_layout)
+    encoded_prompts = []
+    for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+        segs = layout.segments(prompt, len(imgs)) if isinstance(prompt, Chat) else prompt
         encoded = encode(tokenizer, segs, model.num_visual_tokens)
         if encoded.num_images != len(imgs):
             raise ValueError(f"prompt {i} has {encoded.num_images} image slots but {len(imgs)} images")
-        prompts.append((encoded.input_ids, encoded.modality_ids))
+        encoded_prompts.append((encoded.input_ids, encoded.modality_ids))
     flat = [img for imgs in images for img in imgs]
     pixel_values = model.image_processor(flat) if flat else None
-    outputs = generate_ids(model, prompts, pixel_values, max_new_tokens=max_new_tokens,
+    outputs = generate_ids(model, encoded_prompts, pixel_values, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop_token_ids=tokenizer_stop_ids(tokenizer),
                            generator=generator)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
@@ -157,9 +161,8 @@ def generate(model: AKIModel, tokenizer: PreTrainedTokenizerBase | None,
 
 def answer(model: AKIModel, question: str, images: Sequence[ImageLike] = (), system: str = SYSTEM_MESSAGE,
            **kwargs) -> str:
-    """Answer one question about ``images`` with the chat template (kwargs as :func:`generate`)."""
-    segments = chat_segments([(question, None)], num_images=len(images), system=system)
-    return generate(model, None, [segments], [list(images)], **kwargs)[0]
+    """Answer one question about ``images`` in the model's text layout (kwargs as :func:`generate`)."""
+    return generate(model, None, [Chat(((question, None),), system)], [list(images)], **kwargs)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

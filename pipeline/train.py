@@ -96,19 +96,21 @@ def build_model(config: Config, ds_config: dict[str, Any], tokenizer, load_init_
             raise ConfigError(f"`train.init_from` {init_from} holds a {stored['size']!r} model but `model.size` "
                               f"is {m.size!r}; set model.size={stored['size']}")
         size = ModelSize(name=stored["size"], vision=stored["vision"], resampler=stored["resampler"],
-                         llm=stored["llm"])
+                         llm=stored["llm"], num_base_ids=stored["num_base_ids"])
     else:
         vision_weights, llm_weights = m.vision_weights or size.vision_weights, m.llm_weights or size.llm_weights
 
     def random_parts(model: AKIModel) -> list[torch.nn.Module]:
         if init_from is not None:
             return []                       # every weight comes from the export (or the resumed checkpoint)
-        return ([] if vision_weights else [model.vision]) + [model.resampler, model.projection] + \
+        return ([] if vision_weights else [model.vision]) + [model.resampler, model.projection,
+                                                              model.added_embedding, model.output] + \
             ([] if llm_weights else [model.llm])
 
     torch.manual_seed(config.train.seed)
     model = build_partitioned(
         lambda: AKIModel(size, tokenizer, attention_mode=m.attention_mode, attn_implementation=m.attn_implementation,
+                         text_layout=m.text_layout,
                          vision_weights=vision_weights, llm_weights=llm_weights),
         ds_config, random_parts)
     if init_from is not None and load_init_weights:
@@ -234,7 +236,8 @@ class Trainer:
         self.engine, self.scheduler = build_engine(model, config, self.ds_config)
         phase("engine_s")
         self.loader = build_dataloader(config, self.tokenizer, image_processor=model.image_processor)
-        self.dot = build_dot_schedule(config.data.orders, config.train.total_steps, self.tokenizer)
+        self.dot = build_dot_schedule(config.data.orders, config.train.total_steps, self.tokenizer,
+                                          config.model.text_layout)
 
         self.step, self.nonfinite_streak, self.skipped_steps = 0, 0, 0
         self.run_id = uuid.uuid4().hex[:8]

@@ -49,7 +49,7 @@ def write_dataset(folder: str | os.PathLike, tokenizer, kind: str, n: int, num_v
 
     names = list(COLORS)
     manifest = Manifest(source=kind, num_visual_tokens=num_visual_tokens, image_size=image_size,
-                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), text_layout=chat.DEFAULT_LAYOUT)
     with MDSWriter(out=str(folder), columns=MDS_COLUMNS, size_limit=1 << 14) as writer:
         for i in range(n):
             color = names[i % len(names)]

@@ -56,7 +56,7 @@ def test_pt_template_and_round_trip(tmp_path, settings, tiny_tokenizer):
     first = rows[0]
     mods = first["modality_ids"]
     assert list(mods[:5]) == [TEXT_INPUT] + [IMAGE] * 4 and set(mods[5:]) == {TEXT_TARGET}
-    assert tiny_tokenizer.decode(first["input_ids"][mods == TEXT_TARGET]) == "a red square 00<|endofchunk|>"
+    assert tiny_tokenizer.decode(first["input_ids"][mods == TEXT_TARGET]) == "a red square 00<|endofchunk|><|endoftext|>"
     for row, color in zip(rows, ["red", "green", "green", "blue"]):
         [img] = split_images(row["images"], row["image_lengths"])
         assert Image.open(io.BytesIO(img)).size == (32, 32)          # tiny: 32 px, bicubic
@@ -87,7 +87,7 @@ def test_ocr200m_caption_chosen_by_granularity(tmp_path, settings, tiny_tokenize
         manifest = build_pretrain([str(tmp_path / "raw")], str(out), "ocr200m", settings, options, workers=1)
         [row] = read_all(out)
         text = tiny_tokenizer.decode(row["input_ids"][row["modality_ids"] == TEXT_TARGET])
-        assert text == f"{expected}<|endofchunk|>"
+        assert text == f"{expected}<|endofchunk|><|endoftext|>"
         assert manifest.skipped == {"malformed_record": 1}
 
 

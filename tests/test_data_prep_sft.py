@@ -52,12 +52,12 @@ def runs(row):
 
 
 def one_turn(user_input):
-    return f"{SYS}\n{user_input}<|end|>\n<|assistant|>\n"
+    return f"{SYS}\n{user_input}<|end|>\n<|assistant|>"
 
 
 def check(converter, row, user_input, answer, layout=ONE_TURN):
     assert decode(converter, row, TEXT_INPUT) == one_turn(user_input) if IMAGE in layout else True
-    assert decode(converter, row, TEXT_TARGET) == f"{answer}<|end|>"
+    assert decode(converter, row, TEXT_TARGET) == f"\n{answer}<|endoftext|>"
     assert runs(row) == layout
     assert int((row["modality_ids"] == IMAGE).sum()) == 4 * layout.count(IMAGE)   # tiny: N = 4
 
@@ -165,8 +165,7 @@ def test_option_shuffle_keeps_answer_and_never_mutates_the_record(tmp_path, conv
         [again] = source.samples(raw["question_id"], raw, paths, options)
         assert sample == again                                   # same seed → same order
         assert raw["choices"] == stored                          # the record is never shuffled in place
-        user, answer = sample.segments[-2].text, sample.segments[-1].text
-        letter = answer.removesuffix("<|end|>")
+        [(user, letter)] = sample.content.turns
         assert f"\n{letter}. cab\n" in user                      # the letter still names the correct option
         letters.add(letter)
     assert len(letters) > 1                                      # and shuffling does move it
@@ -191,8 +190,8 @@ def test_scienceqa_image_and_text_only_problems(tmp_path, converter):
     assert text_only["images"] == b"" and len(text_only["image_lengths"]) == 0
     assert decode(converter, text_only, TEXT_INPUT) == (
         f"{SYS}{CHOICE}Which word is a noun?\nContext: Pick one.\nOptions:\n"
-        "A. run\nB. cat\nC. blue\nD. fast\nE. up\n<|end|>\n<|assistant|>\n")
-    assert decode(converter, text_only, TEXT_TARGET) == "B<|end|>"
+        "A. run\nB. cat\nC. blue\nD. fast\nE. up\n<|end|>\n<|assistant|>")
+    assert decode(converter, text_only, TEXT_TARGET) == "\nB<|endoftext|>"
     assert runs(text_only) == [TEXT_INPUT, TEXT_TARGET]
     assert not skipped
 
@@ -283,7 +282,9 @@ def test_llava_one_sample_per_turn(tmp_path, converter):
     assert skipped == {"malformed_record": 1}
 
 
-def test_llava_whole_conversations(tmp_path, converter):
+def test_llava_whole_conversations(tmp_path, tiny_tokenizer_path):
+    """Whole conversations need a multi-turn layout (Phi-3 chat): answers end with <|end|>."""
+    converter = Converter(EncodeSettings(tiny_tokenizer_path, "tiny", 512, text_layout="phi3_chat"))
     rows, _ = run(converter, "llava150k", llava_fixture(tmp_path), SftOptions(whole_conversations=True))
     row = rows[0]
     assert runs(row) == [TEXT_INPUT, IMAGE, TEXT_INPUT, TEXT_TARGET, TEXT_INPUT, TEXT_TARGET]

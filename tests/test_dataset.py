@@ -36,7 +36,7 @@ def write_dataset(folder, tokenizer, source, n, unreadable=(), extra_image=()):
             images, lengths = join_images(jpegs * (2 if i in extra_image else 1))
             writer.write({"input_ids": enc.input_ids, "modality_ids": enc.modality_ids, "images": images,
                           "image_lengths": lengths, "source": source, "id": f"{source}-{i}"})
-    Manifest(source, TINY.num_visual_tokens, TINY.image_size, tokenizer_fingerprint(tokenizer), samples=n).write(folder)
+    Manifest(source, TINY.num_visual_tokens, TINY.image_size, tokenizer_fingerprint(tokenizer), "released", samples=n).write(folder)
     return folder
 
 

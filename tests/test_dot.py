@@ -14,6 +14,7 @@ from pipeline.model.tokenizer import ASSISTANT_TAG, END_OF_CHUNK, END_TAG, IMAGE
 from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
 
 N = 4
+EOS = "<|endoftext|>"
 
 
 def encode(tokenizer, segments):
@@ -26,7 +27,7 @@ def test_sft_image_moves_after_the_question_before_the_turn_end(tiny_tokenizer):
     new_ids, new_mods = reorder_sample(ids, mods, prompt_suffix_tokens(tiny_tokenizer))
     text = tiny_tokenizer.decode(new_ids)
     images = IMAGE_TOKEN * (2 * N)
-    assert f"{USER_TAG}\n\nHow many squares are there?{images}{END_TAG}\n{ASSISTANT_TAG}\ntwo{END_TAG}" in text
+    assert f"{USER_TAG}\n\nHow many squares are there?{images}{END_TAG}\n{ASSISTANT_TAG}\ntwo{EOS}" in text
     assert text.startswith(tiny_tokenizer.decode(ids[:int(np.argmax(mods == IMAGE))]))  # system part untouched
     # the image run now sits after every prompt token of the question and before the answer
     img = np.flatnonzero(new_mods == IMAGE)
@@ -37,14 +38,15 @@ def test_sft_image_moves_after_the_question_before_the_turn_end(tiny_tokenizer):
 def test_pt_image_moves_after_the_caption(tiny_tokenizer):
     ids, mods = encode(tiny_tokenizer, chat.pretrain_segments("a red circle"))
     new_ids, new_mods = reorder_sample(ids, mods, prompt_suffix_tokens(tiny_tokenizer))
-    assert tiny_tokenizer.decode(new_ids) == f"<s>a red circle{END_OF_CHUNK}{IMAGE_TOKEN * N}"
+    assert tiny_tokenizer.decode(new_ids) == f"<s>a red circle{END_OF_CHUNK}{EOS}{IMAGE_TOKEN * N}"
     assert new_mods.tolist() == [TEXT_INPUT] + [TEXT_TARGET] * (len(ids) - 1 - N) + [IMAGE] * N
 
 
 def test_reorder_is_a_permutation_that_keeps_each_token_with_its_modality(tiny_tokenizer):
     tail = prompt_suffix_tokens(tiny_tokenizer)
     for segments in (chat.pretrain_segments("green triangle"),
-                     chat.chat_segments([("What color is the circle?", "red"), ("Is it left?", "yes")]),
+                     chat.chat_segments([("What color is the circle?", "red"), ("Is it left?", "yes")],
+                                        layout="phi3_chat"),
                      chat.chat_segments([("Options:\nA. one", "A")], num_images=0)):
         ids, mods = encode(tiny_tokenizer, segments)
         new_ids, new_mods = reorder_sample(ids, mods, tail)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.chat import SYSTEM_MESSAGE
+from pipeline.chat import SYSTEM_MESSAGE, get_layout
 from pipeline.eval import cv_bench, pope
 from pipeline.eval.readers import read_cv_bench, read_pope
-from pipeline.tokens import IMAGE, TEXT_INPUT
+from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
 from test_eval_readers import write_cv_bench, write_pope
 
 
@@ -20,10 +20,11 @@ def test_prompt_is_the_papers_multiple_choice_input(cv_items):
     assert cv_bench.question_input(item) == (
         "Answer with the option's letter from the given choices directly. How many chairs are in the image?\n"
         "Options:\nA. 3\nB. 2\nC. 1\nD. 0\n")
-    segs = cv_bench.prompt_segments(item)
-    assert [s.modality for s in segs] == [TEXT_INPUT, TEXT_INPUT, IMAGE, TEXT_INPUT]
+    segs = get_layout("released").segments(cv_bench.prompt(item), 1)
+    assert [s.modality for s in segs] == [TEXT_INPUT, TEXT_INPUT, IMAGE, TEXT_INPUT, TEXT_TARGET]
     assert segs[0].text == f"<|system|>\n{SYSTEM_MESSAGE}<|end|>\n"
-    assert segs[3].text.endswith("Options:\nA. 3\nB. 2\nC. 1\nD. 0\n<|end|>\n<|assistant|>\n")
+    assert segs[3].text.endswith("Options:\nA. 3\nB. 2\nC. 1\nD. 0\n<|end|>\n<|assistant|>")
+    assert segs[4].text == "\n"    # the released model's answers start with this newline
 
 
 def test_scores_from_awkward_outputs_by_hand(cv_items):
@@ -54,5 +55,5 @@ def test_pope_scoring_per_split(tmp_path):
     assert (r["accuracy"], r["precision"], r["recall"], r["yes_ratio"]) == (0.75, 1.0, 0.5, 0.25)
     assert r["f1"] == pytest.approx(2 / 3)
     assert (a["accuracy"], a["precision"], a["recall"], a["unanswered"]) == (0.5, 0.5, 0.5, 1)
-    assert pope.prompt_segments(items[0])[3].text.startswith(
-        "\nAnswer the question using a single word or phrase. Is there a snowboard in the image?")
+    assert pope.prompt(items[0]).turns == (
+        ("Answer the question using a single word or phrase. Is there a snowboard in the image?", None),)

@@ -76,7 +76,8 @@ def test_causal_mode_equals_plain_phi3(tiny_model_factory):
     with torch.no_grad():
         ours = model(ids, mods, pixels).logits
         embeds = model.embed(ids, mods, pixels)
-        plain = model.llm(inputs_embeds=embeds).logits   # Phi3ForCausalLM's own causal mask and positions
+        # Phi3Model's own causal mask and positions, then the same output layer
+        plain = model.logits(model.llm.model(inputs_embeds=embeds).last_hidden_state)
     assert torch.equal(ours, plain)
 
 
@@ -108,7 +109,7 @@ def test_visual_tokens_fill_image_slots_in_order(tiny_model_factory):
     with torch.no_grad():
         embeds = model.embed(ids, mods, pixels)
         visual = model.encode_images(pixels)
-        text = model.llm.get_input_embeddings()(ids)
+        text = model.embed_tokens(ids)
     assert torch.equal(embeds[mods == IMAGE].view(3, n, -1), visual)
     assert torch.equal(embeds[mods != IMAGE], text[mods != IMAGE])
 
@@ -209,12 +210,20 @@ def test_parts_load_from_pretrained_folders(tiny_model_factory, tiny_size, tmp_p
         AKIModel(wrong, llm_weights=tmp_path / "llm")
 
 
-def test_tokenizer_grows_the_embeddings(tiny_size, tiny_tokenizer):
+def test_tokenizer_larger_than_the_size_builds_a_larger_table(tiny_size, tiny_tokenizer):
+    """A random-init LLM is built with rows for every base id (no resize later, which ZeRO-3 cannot do);
+    the logits cover exactly the tokenizer's ids, ``<image>`` and ``<|endofchunk|>`` last."""
     small_vocab = dataclasses.replace(tiny_size, llm={**tiny_size.llm, "vocab_size": 256})
     model = AKIModel(small_vocab, tokenizer=tiny_tokenizer)
-    vocab = model.llm.get_input_embeddings().weight.shape[0]
-    assert vocab >= len(tiny_tokenizer) and vocab % 64 == 0 and model.llm.lm_head.weight.shape[0] == vocab
+    rows = model.llm.get_input_embeddings().weight.shape[0]
+    image_id = tiny_tokenizer.convert_tokens_to_ids("<image>")
+    assert rows >= image_id and rows % 64 == 0 and model.llm.lm_head.weight.shape[0] == rows
+    assert model.num_base_ids == image_id and model.vocab_size == len(tiny_tokenizer) == image_id + 2
     assert model.llm.config.pad_token_id == tiny_tokenizer.pad_token_id
+    mods = torch.tensor([[TEXT_INPUT] * 2 + [IMAGE] * model.num_visual_tokens + [TEXT_TARGET] * 3])
+    ids, pixels = batch_for(model, mods)
+    with torch.no_grad():
+        assert model(ids, mods, pixels).logits.shape[-1] == len(tiny_tokenizer)
 
 
 def test_image_processor_reads_jpeg_bytes(tiny_model_factory):

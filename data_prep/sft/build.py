@@ -30,6 +30,7 @@ from data_prep.sft import SftOptions, get_sft_source
 from data_prep.writer import (SHARD_SIZE_LIMIT, START_METHOD, DatasetWriter, EncodeSettings, cached_converter,
                               check_reusable, convert_item, is_done)
 from pipeline.data.format import Manifest, read_manifest
+from pipeline.chat import get_layout
 
 
 def read_sources_file(path: str) -> dict[str, dict[str, str]]:
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         sources = {n: sources[n] for n in wanted}
     ratios = {**(read_ratio_yaml(args.ratios_yaml) if args.ratios_yaml else {}), **parse_ratio_overrides(args.ratio)}
     options = SftOptions(args.shuffle_options, args.seed, args.whole_conversations, args.split)
+    if args.whole_conversations and get_layout(args.text_layout).single_turn:
+        raise SystemExit(f"--whole-conversations needs a multi-turn text layout, but --text-layout "
+                         f"{args.text_layout} holds one turn per sample; drop the flag or pass --text-layout phi3_chat")
     path = build_sft_mixture(sources, args.out, settings_from_args(args), options, ratios, args.workers,
                              args.overwrite)
     print(f"wrote {path}")

@@ -19,7 +19,7 @@ import random
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from data_prep.records import EMPTY_TEXT, MALFORMED_RECORD, ImageRef, Parsed, Sample, Skip
-from pipeline.chat import chat_segments
+from pipeline.chat import Chat
 
 # Paper Table 5: the user input of each task (the answer is the assistant turn).
 TASK_INPUTS: dict[str, str] = {
@@ -121,7 +121,7 @@ def task_input(task: str, **fields: str) -> str:
 def sft_sample(sample_id: str, images: Sequence[ImageRef], turns: Sequence[tuple[str, str]],
                flags: Sequence[str] = ()) -> Sample:
     """A chat sample: system message, the images at the start of the first user turn, the turns."""
-    return Sample(sample_id, list(images), chat_segments(turns, num_images=len(images)), tuple(flags))
+    return Sample(sample_id, list(images), Chat(tuple(turns)), tuple(flags))
 
 
 def lettered_options(choices: Sequence[str], answer_index: int, options: SftOptions,

@@ -65,10 +65,11 @@ def resolve_sources(data: DataConfig) -> list[StreamSource]:
     return sources
 
 
-def check_sources(sources: Sequence[StreamSource], num_visual_tokens: int, fingerprint: str) -> None:
+def check_sources(sources: Sequence[StreamSource], num_visual_tokens: int, fingerprint: str,
+                  text_layout: str) -> None:
     """Refuse dataset folders built for another N or tokenizer (reads each manifest.json)."""
     for source in sources:
-        check_manifest(read_manifest(source.local), source.local, num_visual_tokens, fingerprint)
+        check_manifest(read_manifest(source.local), source.local, num_visual_tokens, fingerprint, text_layout)
 
 
 class AKIStreamingDataset(StreamingDataset):
@@ -116,7 +117,7 @@ def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: I
     size = get_model_size(config.model.size)
     sources = resolve_sources(config.data)
     if check:
-        check_sources(sources, size.num_visual_tokens, tokenizer_fingerprint)
+        check_sources(sources, size.num_visual_tokens, tokenizer_fingerprint, config.model.text_layout)
     if image_processor is None:
         from pipeline.model.images import ImageProcessor
 

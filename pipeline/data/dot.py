@@ -34,23 +34,25 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipeline import chat
-from pipeline.model.tokenizer import ASSISTANT_TAG, END_TAG
 from pipeline.tokens import IMAGE, PAD, TEXT_INPUT
 
 IMAGE_FIRST, TEXT_FIRST = "it", "ti"
 
 
-def prompt_suffix_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Number of tokens of the chat prompt's end ``<|end|>\\n<|assistant|>\\n`` (pipeline.chat).
+def prompt_suffix_tokens(tokenizer: PreTrainedTokenizerBase, layout: str = chat.DEFAULT_LAYOUT) -> int:
+    """Number of tokens of the prompt's input end (``TextLayout.prompt_end``: ``<|end|>\\n<|assistant|>``,
+    then ``\\n`` in ``phi3_chat``).
 
     Checked against a prompt encoded by the chat template, so a tokenizer that merges the suffix with
     the question text is refused instead of silently splitting a token.
     """
-    suffix = tokenizer.encode(f"{END_TAG}\n{ASSISTANT_TAG}\n", add_special_tokens=False)
-    prompt = chat.encode(tokenizer, chat.chat_segments([("What is shown?", None)]), num_visual_tokens=1)
-    if prompt.input_ids[-len(suffix):].tolist() != list(suffix):
-        raise ValueError("this tokenizer does not encode the chat prompt's end <|end|>\\n<|assistant|>\\n the "
-                         "same inside a prompt as alone, so DOT cannot find where the question ends")
+    text_layout = chat.get_layout(layout)
+    suffix = tokenizer.encode(text_layout.prompt_end, add_special_tokens=False)
+    prompt = chat.encode(tokenizer, text_layout.chat_segments([("What is shown?", None)]), num_visual_tokens=1)
+    inputs = prompt.input_ids[prompt.modality_ids == TEXT_INPUT]
+    if inputs[-len(suffix):].tolist() != list(suffix):
+        raise ValueError(f"this tokenizer does not encode the prompt's end {text_layout.prompt_end!r} the same "
+                         "inside a prompt as alone, so DOT cannot find where the question ends")
     return len(suffix)
 
 
@@ -124,9 +126,11 @@ class DotSchedule:
         return batch
 
 
-def build_dot_schedule(orders: list[str], total_steps: int, tokenizer: PreTrainedTokenizerBase) -> DotSchedule:
-    """The schedule of a recipe: ``build_dot_schedule(cfg.data.orders, cfg.train.total_steps, tokenizer)``."""
-    return DotSchedule(list(orders), total_steps, prompt_suffix_tokens(tokenizer))
+def build_dot_schedule(orders: list[str], total_steps: int, tokenizer: PreTrainedTokenizerBase,
+                       layout: str = chat.DEFAULT_LAYOUT) -> DotSchedule:
+    """The schedule of a recipe: ``build_dot_schedule(cfg.data.orders, cfg.train.total_steps, tokenizer,
+    cfg.model.text_layout)``."""
+    return DotSchedule(list(orders), total_steps, prompt_suffix_tokens(tokenizer, layout))
 
 
 __all__ = ["DotSchedule", "build_dot_schedule", "prompt_suffix_tokens", "reorder_sample",

@@ -58,6 +58,7 @@ class Manifest:
     num_visual_tokens: int
     image_size: int
     tokenizer_fingerprint: str
+    text_layout: str = ""      # pipeline.chat layout the text is in ("" in manifests older than layouts)
     samples: int = 0
     tokens: int = 0
     target_tokens: int = 0
@@ -97,11 +98,19 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     return Manifest(**{k: v for k, v in data.items() if k in known})
 
 
-def check_manifest(manifest: Manifest, folder: str, num_visual_tokens: int, fingerprint: str) -> None:
-    """Refuse data made for another model: N visual tokens or tokenizer must match."""
+def check_manifest(manifest: Manifest, folder: str, num_visual_tokens: int, fingerprint: str,
+                   text_layout: str) -> None:
+    """Refuse data made for another model: N visual tokens, tokenizer and text layout must match."""
     if manifest.num_visual_tokens != num_visual_tokens:
         raise ValueError(f"dataset {folder} was built with N={manifest.num_visual_tokens} visual tokens per "
                          f"image but the model uses N={num_visual_tokens}; rebuild it with the model's size")
     if manifest.tokenizer_fingerprint != fingerprint:
         raise ValueError(f"dataset {folder} was tokenized with tokenizer {manifest.tokenizer_fingerprint} but "
-                         f"the model's tokenizer is {fingerprint}; rebuild it with the same tokenizer folder")
+                         f"the model's tokenizer is {fingerprint}: its token ids differ (shards made before "
+                         "<pad>/<image>/<|endofchunk|> took the released AKI ids, or with another tokenizer "
+                         "folder); rebuild it with data_prep/build_pretrain_shards.py or build_sft_mixture.py "
+                         "--tokenizer <the model's tokenizer folder>")
+    if manifest.text_layout != text_layout:
+        raise ValueError(f"dataset {folder} holds text in layout {manifest.text_layout or '(unrecorded)'!r} but "
+                         f"the recipe trains layout {text_layout!r} (model.text_layout); rebuild it with "
+                         f"--text-layout {text_layout} or set model.text_layout={manifest.text_layout}")

@@ -20,7 +20,7 @@ import sys
 from typing import Mapping, Sequence
 
 from data_prep.sft.common import SftOptions, lettered_options, task_input
-from pipeline.chat import Segment, chat_segments
+from pipeline.chat import Chat
 from pipeline.eval.answers import LETTERS, extract_choice
 from pipeline.eval.metrics import cv_bench_scores
 from pipeline.eval.readers import CVBenchItem, read_cv_bench
@@ -33,9 +33,9 @@ def question_input(item: CVBenchItem) -> str:
     return task_input("multiple_choice", question=item.question, options=options)
 
 
-def prompt_segments(item: CVBenchItem) -> list[Segment]:
-    """Chat template with one image and an open assistant turn."""
-    return chat_segments([(question_input(item), None)], num_images=1)
+def prompt(item: CVBenchItem) -> Chat:
+    """The question with an open assistant turn (laid out in the model's text layout, one image)."""
+    return Chat(((question_input(item), None),))
 
 
 def score_outputs(items: Sequence[CVBenchItem], outputs: Mapping[str, str]) -> tuple[list[dict], dict]:
@@ -63,7 +63,7 @@ def format_scores(scores: Mapping, title: str = "CV-Bench") -> str:
     return "\n".join(lines)
 
 
-BENCHMARK = Benchmark("CV-Bench", prompt_segments, score_outputs, format_scores)
+BENCHMARK = Benchmark("CV-Bench", prompt, score_outputs, format_scores)
 
 
 def build_parser() -> argparse.ArgumentParser:

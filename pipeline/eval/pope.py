@@ -13,16 +13,16 @@ import sys
 from typing import Mapping, Sequence
 
 from data_prep.sft.common import task_input
-from pipeline.chat import Segment, chat_segments
+from pipeline.chat import Chat
 from pipeline.eval.answers import extract_yes_no
 from pipeline.eval.metrics import binary_scores
 from pipeline.eval.readers import POPE_SPLITS, PopeItem, read_pope
 from pipeline.eval.runner import Benchmark, add_run_args, run_cli
 
 
-def prompt_segments(item: PopeItem) -> list[Segment]:
-    """Chat template with one image and the short-answer input."""
-    return chat_segments([(task_input("short_answer", question=item.question), None)], num_images=1)
+def prompt(item: PopeItem) -> Chat:
+    """The short-answer input with an open assistant turn (the model's text layout, one image)."""
+    return Chat(((task_input("short_answer", question=item.question), None),))
 
 
 def score_outputs(items: Sequence[PopeItem], outputs: Mapping[str, str]) -> tuple[list[dict], dict]:
@@ -49,7 +49,7 @@ def format_scores(scores: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
-BENCHMARK = Benchmark("POPE", prompt_segments, score_outputs, format_scores)
+BENCHMARK = Benchmark("POPE", prompt, score_outputs, format_scores)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,15 +21,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.chat import Segment
+from pipeline.chat import Chat
 
 
 @dataclasses.dataclass
 class Request:
-    """One prompt to answer: its result key, chat segments and image bytes (one per image slot)."""
+    """One prompt to answer: its result key, chat content and image bytes (one per image)."""
 
     key: str
-    segments: list[Segment]
+    prompt: Chat
     images: list[bytes]
 
 
@@ -108,7 +108,7 @@ def generate_all(model, tokenizer, requests: Sequence[Request], ctx: DistContext
                disable=not ctx.is_main and ctx.world_size > 1, unit="q")
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
-        texts = generate(model, tokenizer, [r.segments for r in batch], [r.images for r in batch],
+        texts = generate(model, tokenizer, [r.prompt for r in batch], [r.images for r in batch],
                          max_new_tokens=max_new_tokens)
         out.update({r.key: t for r, t in zip(batch, texts)})
         bar.update(len(batch))
@@ -125,7 +125,7 @@ class Benchmark:
     """One benchmark's parts; its items have a ``key`` and ``load_image()``."""
 
     name: str
-    prompt_segments: Callable[[Any], list[Segment]]
+    prompt: Callable[[Any], Chat]
     score_outputs: Callable[[Sequence[Any], Mapping[str, str]], tuple[list[dict], dict]]
     format_scores: Callable[[Mapping], str]
 
@@ -133,7 +133,7 @@ class Benchmark:
 def evaluate(benchmark: Benchmark, model, tokenizer, items: Sequence[Any], ctx: DistContext = DistContext(),
              batch_size: int = 8, max_new_tokens: int = 8) -> tuple[list[dict], dict] | None:
     """Generate and score; returns (records, scores) on rank 0, None elsewhere."""
-    requests = [Request(i.key, benchmark.prompt_segments(i), [i.load_image()]) for i in items]
+    requests = [Request(i.key, benchmark.prompt(i), [i.load_image()]) for i in items]
     outputs = generate_all(model, tokenizer, requests, ctx, batch_size=batch_size,
                            max_new_tokens=max_new_tokens, desc=benchmark.name)
     return benchmark.score_outputs(items, outputs) if ctx.is_main else None

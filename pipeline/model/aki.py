@@ -24,15 +24,17 @@ from torch import nn
 from transformers import (Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase, SiglipVisionConfig,
                           SiglipVisionModel)
 
+from pipeline.chat import DEFAULT_LAYOUT, get_layout
 from pipeline.model import attention
 from pipeline.model.backends import get_backend
 from pipeline.model.images import ImageProcessor, load_image
 from pipeline.model.resampler import PerceiverResampler, ResamplerConfig
 from pipeline.model.sizes import ModelSize, get_model_size
-from pipeline.model.tokenizer import prepare_tokenizer
+from pipeline.model.tokenizer import added_token_layout, image_token_id, prepare_tokenizer
+from pipeline.model.vocab import NUM_ADDED, AddedEmbedding, AddedOutput
 from pipeline.tokens import IMAGE, MODALITY_NAMES, PAD, TEXT_TARGET
 
-# New embedding rows are added in multiples of this when a tokenizer outgrows the vocabulary.
+# A random-init LLM's table grows in multiples of this when a tokenizer has more base ids than the size.
 VOCAB_MULTIPLE = 64
 
 
@@ -58,13 +60,20 @@ def _build_vision(size: ModelSize, weights: str | None, dtype: torch.dtype | Non
 
 
 def _build_llm(size: ModelSize, weights: str | None, attn_implementation: str,
-               dtype: torch.dtype | None) -> Phi3ForCausalLM:
+               dtype: torch.dtype | None, num_base_ids: int) -> Phi3ForCausalLM:
+    """The Phi-3 LLM; a random-init one gets a table of at least ``num_base_ids`` rows (built at that size,
+    so nothing is resized later, which partitioned ZeRO-3 parameters could not survive)."""
     if weights is None:
-        return Phi3ForCausalLM(Phi3Config(**{**size.llm, "attn_implementation": attn_implementation}))
+        rows = max(size.llm["vocab_size"], -(-num_base_ids // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+        return Phi3ForCausalLM(Phi3Config(**{**size.llm, "vocab_size": rows,
+                                             "attn_implementation": attn_implementation}))
     model = Phi3ForCausalLM.from_pretrained(weights, attn_implementation=attn_implementation, dtype=dtype)
     if model.config.hidden_size != size.llm["hidden_size"]:
         raise ValueError(f"LLM weights {weights!r} have hidden_size={model.config.hidden_size}, but size "
                          f"{size.name!r} expects {size.llm['hidden_size']}; pick the matching size")
+    if model.config.vocab_size < num_base_ids:
+        raise ValueError(f"LLM weights {weights!r} have {model.config.vocab_size} embedding rows but the tokenizer "
+                         f"has {num_base_ids} base ids; use the tokenizer that came with these weights")
     return model
 
 
@@ -95,16 +104,30 @@ class AKIModel(nn.Module):
 
     ``vision_weights`` / ``llm_weights``: local folders or hub ids of pretrained SigLIP / Phi-3 weights
     (``size.vision_weights`` / ``size.llm_weights`` name the real ones); None builds random-init parts.
-    ``tokenizer``: when given, AKI's special tokens are added and the embeddings grow to fit it.
-    ``dtype``: the weights' dtype (pretrained parts are read in it directly); None keeps float32.
+    ``tokenizer``: when given, AKI's special tokens are added and its ids set the vocabulary: ids below
+    its ``<image>`` id B come from the LLM's table, B and B + 1 from the added rows
+    (:mod:`pipeline.model.vocab`). ``num_base_ids`` sets B without a tokenizer (default: the size's, else
+    the LLM table's rows - 2). ``text_layout``: the ``pipeline.chat`` layout the model is trained on and
+    prompted with (recorded in exports). ``dtype``: the weights' dtype (pretrained parts are read in it directly);
+    None keeps float32.
     """
 
     def __init__(self, size: ModelSize | str, tokenizer: PreTrainedTokenizerBase | None = None,
                  attention_mode: str = "mma", attn_implementation: str = "sdpa",
                  vision_weights: str | os.PathLike | None = None,
-                 llm_weights: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
+                 llm_weights: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+                 num_base_ids: int | None = None, text_layout: str = DEFAULT_LAYOUT):
         super().__init__()
+        self.text_layout = get_layout(text_layout).name
         self.size = get_model_size(size) if isinstance(size, str) else size
+        if tokenizer is not None:
+            tokenizer = prepare_tokenizer(tokenizer)
+            from_tokenizer = added_token_layout(tokenizer)
+            if num_base_ids is not None and num_base_ids != from_tokenizer:
+                raise ValueError(f"num_base_ids={num_base_ids} but the tokenizer's <image> id is {from_tokenizer}")
+            num_base_ids = from_tokenizer
+        if num_base_ids is None:
+            num_base_ids = self.size.num_base_ids or self.size.llm["vocab_size"] - NUM_ADDED
         attention.get_mode(attention_mode)
         self.backend = get_backend(attn_implementation)
         self.attention_mode = attention_mode
@@ -122,8 +145,11 @@ class AKIModel(nn.Module):
         self.vision.eval()
         self.resampler = PerceiverResampler(resampler_config)
         self.llm = _build_llm(self.size, None if llm_weights is None else os.fspath(llm_weights),
-                              attn_implementation, dtype)
-        self.projection = nn.Linear(resampler_config.dim, self.llm.config.hidden_size)
+                              attn_implementation, dtype, num_base_ids)
+        hidden = self.llm.config.hidden_size
+        self.added_embedding = AddedEmbedding(hidden, num_base_ids)
+        self.output = AddedOutput(hidden, self.llm.config.vocab_size, num_base_ids)
+        self.projection = nn.Linear(resampler_config.dim, hidden)
         self.image_processor = ImageProcessor(self.size.image_size)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         if tokenizer is not None:
@@ -144,13 +170,34 @@ class AKIModel(nn.Module):
     def attn_implementation(self) -> str:
         return self.backend.name
 
+    @property
+    def num_base_ids(self) -> int:
+        """B: ids below it read the LLM's table; B and B + 1 are ``<image>`` and ``<|endofchunk|>``."""
+        return self.added_embedding.num_base_ids
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of logits (and of valid token ids): B + 2 (32014 for AKI-4B)."""
+        return self.num_base_ids + NUM_ADDED
+
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Attach ``tokenizer`` (AKI tokens added) and grow the LLM embeddings when it needs more ids."""
-        self.tokenizer = prepare_tokenizer(tokenizer)
-        if len(tokenizer) > self.llm.config.vocab_size:
-            self.llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=VOCAB_MULTIPLE)
+        """Attach ``tokenizer`` (AKI tokens added); its ids must match the model's vocabulary."""
+        tokenizer = prepare_tokenizer(tokenizer)
+        if added_token_layout(tokenizer) != self.num_base_ids:
+            raise ValueError(f"tokenizer has its <image> token at id {image_token_id(tokenizer)} but this model reads "
+                             f"ids {self.num_base_ids}/{self.num_base_ids + 1} as <image>/<|endofchunk|>; use the "
+                             "tokenizer the model was built or exported with")
+        self.tokenizer = tokenizer
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(self.llm.config, key, getattr(tokenizer, key))
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids (LLM table below B, the added rows for B and B + 1)."""
+        return self.added_embedding(input_ids, self.llm.get_input_embeddings())
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., B + 2]`` of LLM hidden states (output bias and added rows included)."""
+        return self.output(hidden, self.llm.lm_head)
 
     def train(self, mode: bool = True) -> "AKIModel":
         """Train mode for the resampler, projection and LLM; the frozen vision tower stays in eval."""
@@ -203,7 +250,7 @@ class AKIModel(nn.Module):
             n_images = self.check_inputs(input_ids, modality_ids, pixel_values, document_ids)
         else:
             n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        embeds = self.llm.get_input_embeddings()(input_ids)
+        embeds = self.embed_tokens(input_ids)
         if n_images == 0:
             # Text-only batch: run the connector on a blank image anyway, so every rank uses the same
             # parameters each step (ZeRO-3 gathers parameters collectively and would hang otherwise).
@@ -227,11 +274,11 @@ class AKIModel(nn.Module):
         ).last_hidden_state
         predicted = target_positions(modality_ids, document_ids)
         # logits only where a target is predicted: hidden[t - 1] predicts input_ids[t]
-        target_logits = self.llm.lm_head(hidden[:, :-1][predicted[:, 1:]]).float()
+        target_logits = self.logits(hidden[:, :-1][predicted[:, 1:]]).float()
         loss_sum = F.cross_entropy(target_logits, input_ids[predicted], reduction="sum")
         count = predicted.sum()
         return AKIOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_target_tokens=count,
-                         logits=self.llm.lm_head(hidden) if return_logits else None)
+                         logits=self.logits(hidden) if return_logits else None)
 
     # ---- export -------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -1,8 +1,9 @@
 """Export folders: an AKIModel saved as safetensors weights + ``aki_config.json`` + its tokenizer.
 
 ``aki_config.json`` records everything needed to rebuild the model without the size registry: the size
-name, attention mode, attention backend, N (visual tokens per image), the image side, and the three
-parts' configurations (SigLIP vision, Perceiver Resampler, Phi-3). Weights are written with
+name, attention mode, attention backend, N (visual tokens per image), the image side, the vocabulary
+(B, the number of base ids: ``<image>`` = B, ``<|endofchunk|>`` = B + 1), the text layout it is prompted
+with, and the three parts' configurations (SigLIP vision, Perceiver Resampler, Phi-3). Weights are written with
 ``huggingface_hub.save_torch_state_dict`` (sharded beyond 5 GB) and read back strictly with
 ``huggingface_hub.load_torch_model`` — safetensors only, no pickles.
 """
@@ -21,7 +22,7 @@ from pipeline.model.sizes import ModelSize
 from pipeline.model.tokenizer import load_tokenizer
 
 CONFIG_NAME = "aki_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: the released AKI-4B's vocabulary (added rows, output bias) and text layouts
 
 
 def model_config(model: AKIModel) -> dict:
@@ -33,6 +34,8 @@ def model_config(model: AKIModel) -> dict:
         "attn_implementation": model.attn_implementation,
         "num_visual_tokens": model.num_visual_tokens,
         "image_size": model.image_size,
+        "num_base_ids": model.num_base_ids,
+        "text_layout": model.text_layout,
         "vision": model.vision.config.to_diff_dict(),
         "resampler": dataclasses.asdict(model.resampler.config),
         "llm": model.llm.config.to_diff_dict(),
@@ -80,22 +83,31 @@ def read_config(folder: str | os.PathLike) -> dict:
     config = json.loads(path.read_text())
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {config.get('format_version')!r}; this code reads "
-                         f"version {FORMAT_VERSION}")
+                         f"version {FORMAT_VERSION} (version 1 exports predate the released AKI-4B's token ids: "
+                         "re-train or re-export them with this version)")
     return config
 
 
-def load_model(folder: str | os.PathLike, attn_implementation: str | None = None,
-               attention_mode: str | None = None, dtype: torch.dtype | None = None) -> AKIModel:
-    """Rebuild an :class:`AKIModel` from an export folder, in eval mode.
+def build_from_config(config: dict, attn_implementation: str | None = None, attention_mode: str | None = None,
+                      dtype: torch.dtype | None = None) -> AKIModel:
+    """An :class:`AKIModel` (random weights) of the architecture ``aki_config.json`` describes.
 
     ``attn_implementation`` / ``attention_mode`` override the stored ones (e.g. ``sdpa`` for CPU
     inference of a model trained with FlexAttention); ``dtype`` casts the weights.
     """
-    config = read_config(folder)
     size = ModelSize(name=config["size"], vision=config["vision"], resampler=config["resampler"],
-                     llm=config["llm"])
-    model = AKIModel(size, attention_mode=attention_mode or config["attention_mode"],
-                     attn_implementation=attn_implementation or config["attn_implementation"], dtype=dtype)
+                     llm=config["llm"], num_base_ids=config["num_base_ids"])
+    return AKIModel(size, attention_mode=attention_mode or config["attention_mode"],
+                    attn_implementation=attn_implementation or config["attn_implementation"], dtype=dtype,
+                    num_base_ids=config["num_base_ids"], text_layout=config["text_layout"])
+
+
+def load_model(folder: str | os.PathLike, attn_implementation: str | None = None,
+               attention_mode: str | None = None, dtype: torch.dtype | None = None) -> AKIModel:
+    """Rebuild an :class:`AKIModel` from an export folder, in eval mode (overrides as
+    :func:`build_from_config`)."""
+    config = read_config(folder)
+    model = build_from_config(config, attn_implementation, attention_mode, dtype)
     try:
         load_torch_model(model, folder, strict=True, safe=True)
     except RuntimeError as err:
@@ -105,4 +117,4 @@ def load_model(folder: str | os.PathLike, attn_implementation: str | None = None
     return model.eval()
 
 
-__all__ = ["CONFIG_NAME", "model_config", "save_model", "read_config", "load_model"]
+__all__ = ["CONFIG_NAME", "model_config", "save_model", "read_config", "build_from_config", "load_model"]

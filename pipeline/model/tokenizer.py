@@ -12,11 +12,12 @@ import json
 import os
 from typing import Iterable
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
 PAD_TOKEN = "<pad>"
+ADDED_TOKENS = (IMAGE_TOKEN, END_OF_CHUNK)   # the two ids AKI adds after the base vocabulary, in order
 # Phi-3 chat roles; they exist in the Phi-3.5 tokenizer and in the tiny one built below.
 SYSTEM_TAG, USER_TAG, ASSISTANT_TAG, END_TAG = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", SYSTEM_TAG, USER_TAG, ASSISTANT_TAG, END_TAG]
@@ -28,18 +29,32 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add the image placeholder, ``<|endofchunk|>`` and (when missing) a pad token. Idempotent.
+    """Add AKI's tokens as the released model did: ``<pad>`` (when the tokenizer has no pad token of its
+    own, or pads with EOS, as Phi-3.5 does), then ``<image>``, then ``<|endofchunk|>``. Idempotent.
 
-    The model's embeddings must be resized to ``len(tokenizer)`` afterwards
-    (``AKIModel`` does this when it is given the tokenizer).
+    On Phi-3.5's tokenizer (ids 0..32010) this gives ``<pad>`` 32011, ``<image>`` 32012 and
+    ``<|endofchunk|>`` 32013. The model reads ids below the ``<image>`` id from the LLM's own embedding
+    table and the two added ids from its own rows (:func:`added_token_layout`).
     """
-    missing = [t for t in (IMAGE_TOKEN, END_OF_CHUNK) if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                     replace_additional_special_tokens=False)
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    missing = [AddedToken(t, special=True, normalized=False) for t in ADDED_TOKENS
+               if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
     return tokenizer
+
+
+def added_token_layout(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The number of base ids B: ids below B are the LLM's vocabulary, ``<image>`` is B and
+    ``<|endofchunk|>`` is B + 1 (the last two ids). Raises a clear error for any other layout."""
+    image_id, chunk_id = image_token_id(tokenizer), _require_token(tokenizer, END_OF_CHUNK)
+    if chunk_id != image_id + 1 or len(tokenizer) != image_id + 2:
+        raise ValueError(f"tokenizer has {IMAGE_TOKEN!r} at id {image_id}, {END_OF_CHUNK!r} at {chunk_id} and "
+                         f"{len(tokenizer)} tokens; AKI needs them as the last two ids, added in this order "
+                         "(prepare the tokenizer with pipeline.model.tokenizer.load_tokenizer before adding "
+                         "other tokens)")
+    return image_id
 
 
 def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
