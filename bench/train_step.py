@@ -216,6 +216,7 @@ class DeepSpeedEngine:
                 f"model.attn_implementation={a.attn}", f"train.deepspeed={a.deepspeed}" if a.deepspeed else None,
                 None if a.device.startswith("cuda") else "train.precision=fp32",
                 f"train.micro_batch_size={a.micro_batch}" if a.micro_batch else None,
+                f"train.global_batch_size={a.micro_batch * self.world}" if a.micro_batch else None,
                 f"model.activation_checkpointing={a.checkpointing == 'full'}" if a.checkpointing else None]
         config = load_config(recipe, [s for s in sets if s] + list(a.set))
         config.train.global_batch_size = config.train.micro_batch_size * self.world
@@ -239,13 +240,6 @@ class DeepSpeedEngine:
         targets = float(sum(b["num_target_tokens"] for b in batches) * self.world)   # every rank: same batch
         return lambda: forward_backward(self.engine, batches, lambda b: device_inputs(self.model, b, self.device),
                                         self.world / max(targets, 1.0), targets)
-
-    def frozen_gathered(self) -> bool:
-        """Whether the frozen vision tower is still gathered after the steps (it never is re-gathered)."""
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        params = [p for p in self.model.vision.parameters() if hasattr(p, "ds_status")]
-        return bool(params) and all(p.ds_status == ZeroParamStatus.AVAILABLE for p in params)
 
     def describe(self) -> str:
         z = self.ds_config.get("zero_optimization", {})
@@ -387,8 +381,6 @@ def main(argv: Sequence[str] | None = None) -> Result | None:
              "MFU formula: pipeline/flops.py (6·N·tokens for trainable weights, LM head only where a target is "
              "predicted, visible attention pairs, frozen vision forward); peak: "
              + (f"{peak / 1e12:g} TFLOP/s per device" if peak else "n/a")]
-    if args.engine == "deepspeed":
-        settings["frozen_vision_kept_gathered"] = bench.frozen_gathered()
     if not on_gpu:
         yardstick = gemm_flops(args.device, torch.float32)
         best = max(f.value for f in figures if f.name.endswith("achieved model FLOP/s (useful)")) * 1e12

@@ -121,19 +121,12 @@ def build_model(config: Config, ds_config: dict[str, Any], tokenizer, load_init_
 
 
 def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]):
-    """AdamW + schedule (:func:`build_optimizer`) and the DeepSpeed engine; returns (engine, scheduler).
-
-    The frozen vision tower's parameters are then kept gathered (:func:`pipeline.zero3.keep_frozen_gathered`):
-    it is never updated, so re-gathering it every micro-step would only cost communication.
-    """
+    """AdamW + schedule (:func:`build_optimizer`) and the DeepSpeed engine; returns (engine, scheduler)."""
     import deepspeed
-
-    from pipeline.zero3 import keep_frozen_gathered
 
     optimizer, scheduler = build_optimizer(model, config, ds_config)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
-    keep_frozen_gathered(engine.module)
     return engine, scheduler
 
 

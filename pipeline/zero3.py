@@ -10,9 +10,7 @@ constructed, so no rank ever holds the whole model. Three things then need care,
   then initialises module by module with that module's parameters gathered — torch's default init,
   then the owning transformers model's ``_init_weights``, the order a normal construction applies;
 * loading an export folder (the previous stage's weights) gathers one module at a time too
-  (:func:`load_export_weights`);
-* frozen parameters (the SigLIP tower) are kept gathered once the engine runs (:func:`keep_frozen_gathered`):
-  sharding them saves 1/world of 0.86 GB per GPU but costs an all-gather of them every micro-step.
+  (:func:`load_export_weights`).
 """
 from __future__ import annotations
 
@@ -94,19 +92,6 @@ def init_partitioned(root: nn.Module) -> None:
                     owner._init_weights(module)
 
 
-def keep_frozen_gathered(module: nn.Module) -> int:
-    """Mark every frozen ZeRO-3 parameter of ``module`` persistent (``ds_persist``): DeepSpeed gathers it
-    at its first use and never releases it, so the frozen tower costs one all-gather per run instead of
-    one per micro-step; its shards stay in place for checkpoints. Only frozen parameters qualify (an
-    updated persistent parameter would need a re-gather after every step). Returns the elements kept."""
-    kept = 0
-    for p in module.parameters():
-        if hasattr(p, "ds_id") and not p.requires_grad:
-            p.ds_persist = True
-            kept += int(p.ds_numel)
-    return kept
-
-
 def _export_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -156,4 +141,4 @@ def _copy(target: torch.Tensor, value: torch.Tensor, key: str) -> None:
 
 
 __all__ = ["ZeroConfigRef", "register_zero_config", "build_partitioned", "init_partitioned",
-           "keep_frozen_gathered", "load_export_weights"]
+           "load_export_weights"]

@@ -151,7 +151,6 @@ def test_train_step_bench_runs_the_trainers_deepspeed_step(tmp_path):
     record = json.loads((tmp_path / "train_step-deepspeed-zero3-cpu.json").read_text())
     s = record["settings"]
     assert s["zero_stage"] == 3 and s["world_size"] == 1 and s["activation_checkpointing"] is False
-    assert s["frozen_vision_kept_gathered"] is True          # SigLIP gathered once, never re-partitioned
     assert s["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 3
     for run, width in (("pt-packed", 256), ("sft-packed", 544)):         # the recipes' data.pack_tokens
         assert s[run]["micro_batch"] == 3 and s[run]["samples"] == 3 and s[run]["width"] == width
