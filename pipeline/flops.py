@@ -1,7 +1,8 @@
 """Model FLOPs of one AKI training step, the numerator of MFU (used by the trainer's logs and by
 ``bench.train_step``).
 
-MFU = step_flops / (step_seconds × peak FLOP/s), peak = 989e12 (H100/H200 dense bf16). ``step_flops`` counts
+MFU = step_flops / (step_seconds × peak FLOP/s), peak from ``pipeline.metrics.PEAK_FLOPS`` by exact GPU name
+(989e12 dense bf16 on H100 SXM / H200). ``step_flops`` counts
 the work the model must do, not what a kernel happens to spend (padding and recomputation are not counted):
 
 * LLM body (trainable, forward + backward = 3 × forward): ``6 · N_body · T`` where ``N_body`` = LLM
