@@ -48,7 +48,7 @@ quickstart: $(STAMP)
 
 lint: $(STAMP)
 	bash -n slurm/*.sbatch
-	$(VENV)/bin/shellcheck slurm/*.sbatch slurm/*.sh
+	$(VENV)/bin/shellcheck slurm/*.sbatch slurm/*.sh bench/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV) $(TF5_VENV)

@@ -28,9 +28,12 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 from pipeline.recipes import (ConfigError, Proportion, apply_overrides, build_dataclass, read_recipe,
                               resolve_recipe)
@@ -356,6 +359,13 @@ def _validate_phases(d: DataConfig, total_steps: int) -> None:
     if len(d.phases) > 1 and len(d.orders) > 1:
         raise ConfigError("config has several `data.phases` and several `data.orders`; DOT splits a stage "
                           "with one set of data: use one phase, or one order")
+
+
+def training_dtype(config: Config) -> "torch.dtype":
+    """The dtype the model trains in (``train.precision``); the collator ships pixels in it."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[config.train.precision]
 
 
 def grad_accum_steps(config: Config, world_size: int) -> int:

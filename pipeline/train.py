@@ -9,7 +9,8 @@ parameter is partitioned as it is created, so no rank holds the whole model; ``i
 previous stage's export) → AdamW on the trainable connector + LLM (SigLIP stays frozen) with the recipe's
 ``transformers`` LR schedule → DeepSpeed engine → optionally resume → loop → final checkpoint and export.
 
-One optimizer step (:meth:`Trainer.train_step`): fetch the step's micro-batches, all-reduce their
+One optimizer step (:meth:`Trainer.train_step`; its hot path :func:`forward_backward` is also what
+``python -m bench.train_step --engine deepspeed`` times): fetch the step's micro-batches, all-reduce their
 target-token count once, then forward/backward each with ``loss_sum · world / global_target_tokens`` —
 so the step's gradient is that of the token-mean loss of the whole global batch, whatever the split
 into ranks and accumulation steps. Before the last backward the step's loss is all-reduced; when it is
@@ -32,7 +33,7 @@ import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,7 +41,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import (Config, ConfigError, fill_deepspeed_config, load_config, offloads_optimizer,
                              save_config, validate_launch)
 from pipeline.distributed import setup_distributed
-from pipeline.flops import BatchShape, causal_pairs, count_model, step_flops
+from pipeline.flops import BatchShape, count_model, step_flops, visible_pairs
 from pipeline.metrics import MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
 from pipeline.tokens import PAD
 from pipeline.zero3 import register_zero_config
@@ -119,6 +120,55 @@ def build_model(config: Config, ds_config: dict[str, Any], tokenizer, load_init_
     return model
 
 
+def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]):
+    """AdamW + schedule (:func:`build_optimizer`) and the DeepSpeed engine; returns (engine, scheduler)."""
+    import deepspeed
+
+    optimizer, scheduler = build_optimizer(model, config, ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return engine, scheduler
+
+
+def device_inputs(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model inputs of a collated batch on the device, validated on the CPU first (the step then runs
+    ``validate=False``: no read-backs from the device inside the step); copies are non-blocking from the
+    loader's pinned memory."""
+    from pipeline.data.collate import MODEL_INPUTS
+
+    inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    model.check_inputs(**inputs)
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def forward_backward(engine, batches: list[dict[str, Any]], prepare: Callable[[dict[str, Any]], dict[str, Any]],
+                     scale: float, targets: float) -> float:
+    """Forward, backward and ``engine.step()`` of each micro-batch of one optimizer step; returns the step's
+    token-mean loss over the global batch (one all-reduce and one host read, before the last backward).
+
+    Each micro-batch's loss is ``loss_sum · scale`` (``scale`` = world / global target tokens). When the
+    step's loss is not finite, the last backward is made non-finite on purpose so DeepSpeed's overflow
+    check drops the accumulated gradients and skips the update.
+    """
+    import torch.distributed as dist
+
+    loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
+    step_loss = float("nan")
+    for i, batch in enumerate(batches):
+        out = engine(**prepare(batch), return_logits=False, validate=False)
+        loss_sum += out.loss_sum.detach().float()
+        loss = out.loss_sum * scale
+        if i == len(batches) - 1:
+            total = loss_sum.clone()
+            dist.all_reduce(total)
+            step_loss = total.item() / max(targets, 1.0)
+            if not math.isfinite(step_loss):
+                loss = loss * float("nan")   # DeepSpeed's overflow check then skips the update
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+    return step_loss
+
+
 def build_optimizer(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]):
     """AdamW over the trainable parameters (1-D ones, biases and norms, decayed only with
     ``optim.weight_decay_all``) and the recipe's schedule (:func:`build_lr_schedule`)."""
@@ -132,8 +182,9 @@ def build_optimizer(model: torch.nn.Module, config: Config, ds_config: dict[str,
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    else:   # fused: one kernel for the whole update on the GPU (DeepSpeed steps it on its fp32 partitions)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps,
+                                      fused=True if torch.cuda.is_available() else None)
     return optimizer, build_lr_schedule(optimizer, config)
 
 
@@ -156,7 +207,6 @@ class Trainer:
     """Builds everything from a validated recipe; :meth:`fit` runs the stage."""
 
     def __init__(self, config: Config, resume: str | None = None, stop_at_step: int | None = None):
-        import deepspeed
         import torch.distributed as dist
         from pipeline.data.phases import PhasedLoader
 
@@ -186,9 +236,7 @@ class Trainer:
         model = build_model(config, self.ds_config, self.tokenizer, load_init_weights=self.resume_from is None)
         phase("model_s")
         self.flops = count_model(model)
-        optimizer, scheduler = build_optimizer(model, config, self.ds_config)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 lr_scheduler=scheduler, config=self.ds_config)
+        self.engine, self.scheduler = build_engine(model, config, self.ds_config)
         phase("engine_s")
         self.data = PhasedLoader(config, self.tokenizer, model.image_processor,
                                  on_start=lambda info: self.logger.event({"event": "data_phase", "step": self.step,
@@ -220,41 +268,25 @@ class Trainer:
         self.stop_signal = signum
 
     # ---- one optimizer step ---------------------------------------------------------------------
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The model inputs on the device, validated on the CPU first (no read-backs inside the step)."""
-        from pipeline.data.collate import MODEL_INPUTS
-        inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-        self.engine.module.check_inputs(**inputs)
-        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+    def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return device_inputs(self.engine.module, batch, self.device)
 
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         import torch.distributed as dist
 
+        mode, n_visual = self.config.model.attention_mode, self.flops.num_latents
         counts = torch.tensor([sum(b["num_target_tokens"] for b in batches),
                                sum(int((b["modality_ids"] != PAD).sum()) for b in batches),
                                sum(b["modality_ids"].numel() for b in batches),
                                sum(int(b["pixel_values"].shape[0]) for b in batches),
-                               sum(causal_pairs(b["modality_ids"], b.get("document_ids")) for b in batches),
+                               sum(visible_pairs(b["modality_ids"], b.get("document_ids"), mode, n_visual)
+                                   for b in batches),
                                sum(b["num_samples"] for b in batches),
                                float(self.stop_signal is not None)], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         targets, tokens, grid, images, pairs, samples, stop = counts.tolist()
-        scale = self.world / max(targets, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         lr = self.scheduler.get_last_lr()[0]
-        for i, batch in enumerate(batches):
-            inputs = self._to_device(batch)
-            out = self.engine(**inputs, return_logits=False, validate=False)
-            loss_sum += out.loss_sum.detach().float()
-            loss = out.loss_sum * scale
-            if i == len(batches) - 1:
-                total = loss_sum.clone()
-                dist.all_reduce(total)
-                step_loss = total.item() / max(targets, 1.0)
-                if not math.isfinite(step_loss):
-                    loss = loss * float("nan")   # DeepSpeed's overflow check then skips the update
-            self.engine.backward(loss, scale_wrt_gas=False)
-            self.engine.step()
+        step_loss = forward_backward(self.engine, batches, self.prepare, self.world / max(targets, 1.0), targets)
         finite = math.isfinite(step_loss)
         if finite and not self.engine.was_step_applied():
             finite = False      # DeepSpeed found a non-finite gradient norm with a finite loss

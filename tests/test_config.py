@@ -100,7 +100,7 @@ def test_set_overrides_parse_values_with_yaml():
     ("train.micro_batch_size=3", "not a multiple of `train.micro_batch_size`"),
     ("train.total_steps=ten", "`train.total_steps` must be an integer"),
     ("optim.betas=[0.9]", "`optim.betas` must have 2 values"),
-    ("data.max_length=1024", "`data.pack_tokens` \\(512\\) is smaller than `data.max_length`"),
+    ("data.max_length=1024", "`data.pack_tokens` \\(256\\) is smaller than `data.max_length`"),
     ("noequals", "not of the form section.key=value"),
 ])
 def test_bad_config_is_one_clear_error(override, message):
@@ -114,8 +114,8 @@ def test_unknown_recipe_name_suggests_the_closest():
 
 
 def test_batch_must_divide_by_micro_batch_times_world_size():
-    c = load_config("aki4b_pt")  # 192 = micro 8 x ranks x accumulation
-    assert grad_accum_steps(c, 8) == 3 and grad_accum_steps(c, 24) == 1
+    c = load_config("aki4b_pt")  # 192 = micro 24 x ranks x accumulation
+    assert grad_accum_steps(c, 8) == 1 and grad_accum_steps(c, 2) == 4
     with pytest.raises(ConfigError, match=r"not divisible .* x world size \(5\)"):
         grad_accum_steps(c, 5)
 

@@ -5,6 +5,7 @@ import gc
 import io
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 from streaming import MDSWriter
@@ -47,10 +48,10 @@ def datasets(tmp_path_factory, tiny_tokenizer):
             "bad": write_dataset(root / "bad", tiny_tokenizer, "gamma", 8, unreadable={1}, extra_image={5})}
 
 
-def config_for(*sources, collate="pad", seed=17, micro=4):
+def config_for(*sources, collate="pad", seed=17, micro=4, extra=()):
     spec = ", ".join(f"{{path: {path}, proportion: {p}}}" for path, p in sources)
     return load_config("tiny_pt", [f"data.datasets=[{spec}]", f"data.collate={collate}",
-                                   f"data.shuffle_seed={seed}", f"train.micro_batch_size={micro}"])
+                                   f"data.shuffle_seed={seed}", f"train.micro_batch_size={micro}", *extra])
 
 
 def epoch(loader):
@@ -58,12 +59,16 @@ def epoch(loader):
 
 
 def test_batches_are_decoded_and_collated(datasets, tiny_tokenizer):
-    loader = build_dataloader(config_for((datasets["a"], 1), collate="pack"), tiny_tokenizer)
+    config = config_for((datasets["a"], 1), collate="pack", extra=["train.precision=bf16", "data.pack_tokens=96",
+                                                                    "data.max_length=48"])
+    loader = build_dataloader(config, tiny_tokenizer)
+    assert loader.pin_memory == torch.cuda.is_available()     # pinned host batches wherever a GPU copies them
     batches = epoch(loader)
     assert sum(b["num_samples"] for b in batches) == 24
     for b in batches:
         n_img = b["pixel_values"].shape[0]
-        assert b["pixel_values"].shape[1:] == (3, TINY.image_size, TINY.image_size)
+        assert b["input_ids"].shape[1] == 96                  # one static width: data.pack_tokens
+        assert b["pixel_values"].dtype == torch.bfloat16       # shipped in the training dtype
         assert int((b["modality_ids"] == IMAGE).sum()) == n_img * TINY.num_visual_tokens == 4 * 4
         assert b["document_ids"] is not None and b["skipped"] == {}
     texts = {tiny_tokenizer.decode(row[row != tiny_tokenizer.pad_token_id]) for b in batches for row in b["input_ids"]}

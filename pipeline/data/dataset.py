@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from pipeline.config import Config, DataConfig, DataPhase, data_phases, resolve_path
+from pipeline.config import Config, DataConfig, DataPhase, data_phases, resolve_path, training_dtype
 from pipeline.data.collate import SKIP_KEY, Collator
 from pipeline.data.format import check_manifest, image_lengths, read_manifest, split_images
 from pipeline.data.mixture import load_mixture
@@ -152,15 +152,19 @@ def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: I
 
 
 def build_collator(config: Config, pad_id: int) -> Collator:
-    """The recipe's collate function."""
+    """The recipe's collate function (pixels in the training dtype: bf16 runs ship half the bytes)."""
     d = config.data
     return Collator(d.collate, pad_id, d.max_length, d.pack_tokens, d.pad_to_multiple_of,
-                    get_model_size(config.model.size).image_size)
+                    get_model_size(config.model.size).image_size, training_dtype(config))
 
 
 def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProcessorFn | None = None,
-                     check: bool = True, phase: DataPhase | None = None) -> AKIDataLoader:
+                     check: bool = True, phase: DataPhase | None = None,
+                     pin_memory: bool | None = None) -> AKIDataLoader:
     """Micro-batch loader of one rank: ``micro_batch_size`` samples per batch, collated by the recipe.
+
+    Batches land in pinned (page-locked) host memory when a GPU is present (``pin_memory`` None), so the
+    trainer's ``non_blocking`` copies run asynchronously instead of staging through pageable memory.
 
     Rank and world size come from the usual environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) that
     torchrun / DeepSpeed set. ``tokenizer`` gives the pad id and the fingerprint the data must match.
@@ -171,7 +175,8 @@ def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProce
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return AKIDataLoader(dataset, batch_size=config.train.micro_batch_size, collate_fn=build_collator(config, pad_id),
                          num_workers=config.data.num_workers, drop_last=True,
-                         persistent_workers=config.data.num_workers > 0)
+                         persistent_workers=config.data.num_workers > 0,
+                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
 
 
 __all__ = ["AKIDataLoader", "AKIStreamingDataset", "StreamSource", "build_collator", "build_dataloader",
