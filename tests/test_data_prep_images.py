@@ -4,7 +4,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+import pytest
+from PIL import Image, ImageFile
 
 from bench.synthetic import raw_image
 from data_prep.images import JPEG_QUALITY, to_encoder_jpeg
@@ -46,3 +47,19 @@ def test_fast_resize_is_exact_below_twice_the_target_and_close_above():
     # On average clearly under what the JPEG re-encoding alone changes in the same pictures.
     mean_error = float(np.mean([d.mean() for d in errors]))
     assert mean_error <= 1.0 and mean_error <= 0.75 * float(np.mean(jpeg_noise))
+
+
+def test_a_truncated_jpeg_is_corrupt_even_when_pillow_was_told_to_pad_it():
+    """lmms-eval sets Pillow's LOAD_TRUNCATED_IMAGES on import; data prep must still count a cut file."""
+    from data_prep.images import ImageError
+
+    out = io.BytesIO()
+    Image.effect_noise((96, 96), 60).convert("RGB").save(out, format="JPEG")
+    cut = out.getvalue()[: len(out.getvalue()) // 3]
+    before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+    try:
+        with pytest.raises(ImageError, match="truncated"):
+            to_encoder_jpeg(cut, 32)
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True      # the caller's setting is left as it was
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before

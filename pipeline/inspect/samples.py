@@ -53,7 +53,7 @@ def dataset_samples(folder: str, indices: Sequence[int], tokenizer: PreTrainedTo
             name = f"{os.path.basename(os.path.normpath(folder))}[{index}]"
             samples.append(Sample(name, np.asarray(raw["input_ids"]).astype(np.int64),
                                   np.asarray(raw["modality_ids"]).astype(np.int64),
-                                  split_images(raw["images"], np.asarray(raw["image_lengths"])), n))
+                                  split_images(raw["images"], raw["image_lengths"]), n))
     return samples
 
 
