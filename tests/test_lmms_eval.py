@@ -160,6 +160,8 @@ def test_paper_table_from_lmms_eval_on_local_tasks(tmp_path, tiny_export, local_
     assert table["rows"]["AKI-4B (paper, Table 2)"]["POPE"] == 86.9
     assert table["rows"]["MMA (paper, Table 1)"]["MMEP"] == 1363.7
     assert table["crashed_tasks"] == ["local_realworldqa"]
+    assert "pools the questions" in table["notes"]["CV-Bench2D"]        # not the official 2D mean: labelled
+    assert "CV-Bench2D: lmms-eval's cv_bench_acc pools" in printed.out
     # printed as markdown, every column of every row filled
     lines = [ln for ln in printed.out.splitlines() if ln.startswith("| ")]
     assert lines[0] == "| model | " + " | ".join(paper.COLUMN_NAMES) + " |"
