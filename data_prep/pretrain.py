@@ -191,6 +191,9 @@ def merge_parts(out: str, folders: list[str]) -> Manifest:
     """Merge the parts' MDS indexes into ``out/index.json`` and their manifests into one."""
     from streaming.base.util import merge_index
 
+    merged_index = os.path.join(out, "index.json")
+    if os.path.exists(merged_index):     # derived from the parts: a re-run over finished parts rewrites it
+        os.remove(merged_index)
     logging.disable(logging.WARNING)     # merge_index warns about its temporary folder on every call
     try:
         merge_index([os.path.join(f, "index.json") for f in folders], out, keep_local=True)
