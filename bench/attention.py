@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bench.common import (GIB, Figure, Result, add_common_args, command_line, measure, peak_memory_gib, report,
-                          reset_peak_memory, synchronize)
+                          reset_peak_memory, result_name, synchronize)
 from bench.layouts import packed_layout
 from pipeline.model.attention import MODES, block_mask, sdpa_mask
 from pipeline.model.sizes import get_model_size
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
                                   r["sdpa_peak_in_score_tensors"], "tensors"))
     tokens = int((mods_np != 0).sum())
     result = Result(
-        benchmark="attention", command=command_line("bench.attention", argv), device=args.device,
+        benchmark=result_name("attention", args), command=command_line("bench.attention", argv), device=args.device,
         settings={"size": args.size, "heads": heads, "head_dim": head_dim, "batch": batch,
                   "seq_len": args.seq_len, "real_tokens": tokens, "documents": int(docs_np.max(1).sum()),
                   "warmup": args.warmup, "iters": args.iters, "modes": args.modes, "timed_call": what,

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NO_GPU = "not measured (no GPU): run bench/gpu_check.sh on an H100/H200"
 GIB = 1024 ** 3
-# NVIDIA's dense bf16 tensor-core peak of one H100 SXM (H200: same compute); the MFU denominator.
-H100_BF16_PEAK_FLOPS = 989e12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +50,11 @@ GOALS: dict[str, Goal] = {
         "FlexAttention fwd+bwd peak memory above its inputs, in units of one batch×heads×L² bf16 tensor",
         1.0, "tensors", higher_is_better=False, needs_gpu=True),
     "train_step.pt_mfu": Goal(
-        "PT model-FLOPs utilisation, AKI-4B (random init), one H100/H200, bf16", 50.0, "% of 989 TFLOP/s",
+        "PT model-FLOPs utilisation, AKI-4B (random init), one H100/H200, bf16", 50.0,
+        "% of the GPU's dense bf16 peak (989 TFLOP/s on H100 SXM / H200)",
         needs_gpu=True),
     "train_step.sft_useful_mfu": Goal(
-        "SFT MFU on useful (non-pad) tokens, packed batches, AKI-4B", 45.0, "% of 989 TFLOP/s",
+        "SFT MFU on useful (non-pad) tokens, packed batches, AKI-4B", 45.0, "% of the GPU's dense bf16 peak",
         needs_gpu=True),
     "train_step.sft_peak_memory": Goal(
         "peak GPU memory, full SFT step of AKI-4B on one H100", 75.0, "GiB", higher_is_better=False,
@@ -185,6 +185,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=str(RESULTS_DIR),
                         help="folder for <benchmark>-<cpu|gpu>.json and the README.md table")
     parser.add_argument("--no-write", action="store_true", help="print the figures, write nothing")
+    parser.add_argument("--tag", default="", help="suffix of the benchmark's name and result file, to keep "
+                                                  "several settings side by side (e.g. --tag L4096)")
+
+
+def result_name(benchmark: str, args: argparse.Namespace) -> str:
+    """``benchmark``, or ``benchmark-TAG`` with ``--tag``."""
+    return f"{benchmark}-{args.tag}" if args.tag else benchmark
 
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:
@@ -261,13 +268,19 @@ def render_readme(folder: str | os.PathLike) -> str:
             row = (f"{_fmt(fig['value'])} {fig['unit']} (indicative) | {rec['machine_summary']}, "
                    f"{rec['date']} | {fig['met']}")
         else:
-            row = "– | – | to be taken on H100/H200" if goal.needs_gpu else "– | – | not measured"
+            row = "– | – | not measured"
         if goal.needs_gpu and not decided:
-            row = row.rsplit("|", 1)[0] + "| to be taken on H100/H200"
+            row = row.rsplit("|", 1)[0] + f"| {NO_GPU}"
         lines.append(f"| {goal.what} | {goal.describe()} | {row} |")
-    lines += ["", "GPU figures are taken with `python -m bench.attention` and `python -m bench.train_step` on the "
-              "H100/H200 (defaults: AKI-4B dimensions, bf16, FlexAttention); the CPU benchmarks with "
-              "`python -m bench.loader` and `python -m bench.prep`.", "", "## All figures", ""]
+    lines += ["", "GPU figures are taken by `bench/gpu_check.sh` on one H100/H200 in under 8 minutes: "
+              "`python -m bench.attention` (FlexAttention vs SDPA, every mode, rows of 2,048 and 4,096 tokens), "
+              "`python -m bench.train_step` for `pt-packed` and `sft-packed` at AKI-4B, single process (upper "
+              "bound) and `--engine deepspeed` (the trainer's step: the recipe's tuned ZeRO-3, and ZeRO-2 for the "
+              "cost of sharding), with peak memory; each JSON names the GPU and the command. The CPU benchmarks: "
+              "`python -m bench.loader` and `python -m bench.prep`.", ""]
+    if not any(rec["device"].startswith("cuda") for rec in records):
+        lines += ["No GPU figure yet: every GPU goal above is " + NO_GPU.split(":")[0] + ".", ""]
+    lines += ["## All figures", ""]
     for rec in records:
         lines += [f"### `{rec['benchmark']}` on {rec['device']}", "",
                   f"- machine: {rec['machine_summary']} (torch {rec['machine']['torch']})",

@@ -65,5 +65,5 @@ def packed_layout(rng: np.random.Generator, rows: int, row_len: int, num_visual_
     max_text = max(4, row_len - num_visual_tokens)
     layouts = fill_rows(lambda: sft_sample(rng, num_visual_tokens, text_mean, max_text), rows, row_len)
     samples = [make_sample(m, rng, 2, 1, num_visual_tokens) for m in layouts]
-    batch = collate(samples, "pack", pad_id=0, pack_tokens=row_len, pad_to_multiple_of=row_len)
+    batch = collate(samples, "pack", pad_id=0, pack_tokens=row_len)
     return batch["modality_ids"], batch["document_ids"]

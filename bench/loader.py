@@ -72,7 +72,7 @@ class SiglipProcessor:
     """The baseline's image processing: transformers' ``SiglipImageProcessor`` on PIL images (picklable)."""
 
     def __init__(self, image_size: int):
-        from transformers import SiglipImageProcessor
+        from pipeline.compat import SiglipImageProcessor
 
         self.processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
 

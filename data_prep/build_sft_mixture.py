@@ -3,7 +3,7 @@
     python data_prep/build_sft_mixture.py --sources sources.yaml --out data/sft \
         --tokenizer PATH --model-size aki-4b [--ratio vsr=0.05] [--ratios-yaml FILE] [--whole-conversations]
 
-See data_prep/sft/build.py for the sources file and data_prep/mixture.py for mixture.yaml.
+See data_prep/sft/build.py for the sources file and pipeline/data/mixture.py for mixture.yaml.
 """
 import os
 import sys

@@ -1,18 +1,8 @@
-"""The SFT mixture file: which dataset folders training streams, with which sampling proportion.
+"""Writing the SFT mixture file (``mixture.yaml``, format in :mod:`pipeline.data.mixture`): the paper's
+Table 4 sampling ratios, ratio overrides, and the proportions of the sources actually built.
 
-``mixture.yaml`` (written by ``data_prep/build_sft_mixture.py`` next to the dataset folders)::
-
-    streams:
-      - name: vqav2            # source name (registry key in data_prep.sft)
-        local: vqav2           # dataset folder, relative to this file's folder (or absolute)
-        proportion: 0.1145     # share of the combined epoch; proportions sum to 1
-        ratio: 0.103           # the ratio given (Table 4 or an override) before normalising
-        samples: 443757        # samples in the folder (from its manifest)
-      - ...
-
-Training reads it with :func:`load_mixture` and builds one ``streaming.Stream(local=…,
-proportion=…)`` per entry. Only sources that were actually built are listed; their ratios are
-renormalised to sum 1 (streaming would do the same).
+Only sources that were actually built are listed; their ratios are renormalised to sum 1 (streaming
+would do the same).
 """
 from __future__ import annotations
 
@@ -21,7 +11,7 @@ from typing import Mapping
 
 import yaml
 
-MIXTURE_FILE = "mixture.yaml"
+from pipeline.data.mixture import MIXTURE_FILE
 
 # Paper Table 4 (== sampling_weights in the AKI SFT config); sums to 1.
 TABLE4_RATIOS: dict[str, float] = {
@@ -77,22 +67,3 @@ def write_mixture(out_dir: str, ratios: Mapping[str, float], samples: Mapping[st
     with open(path, "w") as f:
         yaml.safe_dump({"streams": streams}, f, sort_keys=False)
     return path
-
-
-def load_mixture(path: str) -> list[tuple[str, str, float]]:
-    """``[(name, absolute dataset folder, proportion), …]`` from a ``mixture.yaml``."""
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict) or not isinstance(data.get("streams"), list):
-        raise ValueError(f"{path}: expected `streams:` with a list of {{name, local, proportion}}; "
-                         "write it with data_prep/build_sft_mixture.py")
-    base = os.path.dirname(os.path.abspath(path))
-    out = []
-    for entry in data["streams"]:
-        try:
-            name, local, proportion = str(entry["name"]), str(entry["local"]), float(entry["proportion"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: stream entry {entry!r} needs name, local and a numeric proportion "
-                             f"({err!r})") from None
-        out.append((name, os.path.normpath(os.path.join(base, local)), proportion))
-    return out

@@ -222,8 +222,9 @@ def merge_parts(out: str, folders: list[str], staging: str | None = None) -> Man
     local_out = staging if storage.is_remote(out) else out
     assert local_out is not None, f"{out}: a remote output needs a local staging folder"
     os.makedirs(local_out, exist_ok=True)
-    if storage.is_remote(out) and os.path.exists(os.path.join(local_out, "index.json")):
-        os.remove(os.path.join(local_out, "index.json"))    # merge_index will not move onto an old one
+    merged_index = os.path.join(local_out, "index.json")
+    if os.path.exists(merged_index):     # derived from the parts: a re-run over finished parts rewrites it
+        os.remove(merged_index)
     logging.disable(logging.WARNING)     # merge_index warns about its temporary folder on every call
     try:
         merge_index([storage.join(f, "index.json") for f in folders],

@@ -16,9 +16,11 @@ NON_UTF8_TEXT = "non_utf8_text"        # text bytes that are not valid UTF-8
 MALFORMED_RECORD = "malformed_record"  # missing keys, wrong types, unparsable JSON, bad answer index
 OVER_LENGTH = "over_length"            # the prompt alone exceeds the text-token budget
 TRUNCATED_TAR = "truncated_tar"        # a tar archive that ends in the middle of a member
+CONVERSION_ERROR = "conversion_error"  # any other error while turning one sample into a row
+WRITE_ERROR = "write_error"            # the MDS writer refused one row
 
 SKIP_REASONS = (CORRUPT_IMAGE, MISSING_IMAGE, EMPTY_TEXT, NON_UTF8_TEXT, MALFORMED_RECORD, OVER_LENGTH,
-                TRUNCATED_TAR)
+                TRUNCATED_TAR, CONVERSION_ERROR, WRITE_ERROR)
 
 # An image is either a file path (SFT sources) or the file's bytes (webdataset members).
 ImageRef = Union[str, bytes]

@@ -8,7 +8,14 @@
     pt/ocr200m/00000.tar …     same, .txt = OCR-200m ``captions`` JSON list (granularities 0-5 × raw flag)
     coco/train2014/, coco/train2017/   images under COCO names
     vqav2/  aokvqa/  llava/  vsr/  refcoco/   SFT files in their original formats
+    scienceqa/                 problems.json + pid_splits.json; most problems text-only (no image), as released
+    vg/                        region_descriptions.json + image_data.json, images in VG_100K/ and VG_100K_2/
     sources.yaml               the sources file for data_prep/build_sft_mixture.py
+
+The SFT files carry the records users hit in the real downloads, so every quickstart builds them:
+ScienceQA problems without an image (most of them) and unicode text, which are kept; a VQAv2 question
+whose image is missing (skipped as ``missing_image``) and a Visual Genome image cut short (its regions
+skipped as ``corrupt_image``).
     cvbench/test_2d.jsonl, test_3d.jsonl, img/…   CV-Bench-style evaluation (same question kinds as SFT)
     pope/coco_pope_{random,popular,adversarial}.json + images   POPE-style yes/no evaluation
 
@@ -97,8 +104,79 @@ def write_webdataset(folder: str, scenes: list[Scene], text_of, side: int, per_t
                        "failed_to_download": len(chunk) // 7, "failed_to_resize": 0}, f)
 
 
+# Text-only ScienceQA-style problems (question, choices, answer index, hint); some with unicode text.
+TEXT_PROBLEMS = (
+    ("Which shape has three corners?", ("circle", "square", "triangle"), 2, ""),
+    ("Which shape has no corners?", ("circle", "square", "triangle"), 0, ""),
+    ("Which shape has four equal sides?", ("circle", "square", "triangle"), 1, "Count the sides."),
+    ("Which number is the largest?", ("one", "two", "three", "four"), 3, ""),
+    ("Which word names a colour: “yellow” or “circle”?", ("yellow", "circle"), 0, "Colours — not shapes."),
+    ("Which is a shape — «square» or «red»?", ("red", "square"), 1, ""),
+)
+IMAGE_PROBLEM_EVERY = 3        # one ScienceQA problem in 3 has an image; the rest are text-only
+MISSING_IMAGE_ID = 999_999_999   # a VQAv2 question about an image that is not in the COCO folder
+
+
+def _jpeg_to_png(jpeg: bytes) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_scienceqa(root: str, scenes: list[Scene], rng: random.Random, side: int) -> None:
+    """``problems.json`` + ``pid_splits.json`` + ``images/{split}/{pid}/image.png``: one problem per scene,
+    an image problem (how many shapes?) every :data:`IMAGE_PROBLEM_EVERY`-th, text-only otherwise;
+    every 8th problem is in ``val``."""
+    problems, splits = {}, {"train": [], "val": [], "test": []}
+    for i, scene in enumerate(scenes):
+        pid, split = str(i + 1), "val" if i % 8 == 7 else "train"
+        if i % IMAGE_PROBLEM_EVERY == 0:
+            n = len(scene.shapes)
+            question, choices, answer, hint, image = ("How many shapes are in the image?",
+                                                      ("1", "2", "3", "4"), n - 1, "", "image.png")
+            _write_bytes(os.path.join(root, "scienceqa/images", split, pid, image), _jpeg_to_png(render(scene, side)))
+        else:
+            question, choices, answer, hint = TEXT_PROBLEMS[rng.randrange(len(TEXT_PROBLEMS))]
+            image = None
+        problems[pid] = {"question": question, "choices": list(choices), "answer": answer, "hint": hint,
+                         "image": image, "task": "closed choice", "grade": "grade1", "subject": "shapes",
+                         "topic": "shapes", "category": "shapes", "skill": "shapes", "lecture": "", "solution": "",
+                         "split": split}
+        splits[split].append(pid)
+    _write_json(os.path.join(root, "scienceqa/problems.json"), problems)
+    _write_json(os.path.join(root, "scienceqa/pid_splits.json"), splits)
+
+
+def write_visual_genome(root: str, scenes: list[Scene], side: int) -> None:
+    """``region_descriptions.json`` + ``image_data.json``, images split over ``VG_100K/`` and
+    ``VG_100K_2/`` as released; the last image is cut short (a corrupt download)."""
+    image_data, regions = [], []
+    for i, scene in enumerate(scenes):
+        folder = "VG_100K" if i % 2 == 0 else "VG_100K_2"
+        jpeg = render(scene, side)
+        _write_bytes(os.path.join(root, "vg", folder, f"{scene.id}.jpg"),
+                     jpeg[: len(jpeg) // 3] if i == len(scenes) - 1 else jpeg)
+        image_data.append({"image_id": scene.id, "url": f"https://cs.stanford.edu/people/rak248/{folder}/{scene.id}.jpg",
+                           "width": side, "height": side, "coco_id": None, "flickr_id": None})
+        regions.append({"id": scene.id, "regions": [
+            {"region_id": scene.id * 10 + j, "image_id": scene.id, "phrase": s.name,
+             "x": round(s.box(side)[0]), "y": round(s.box(side)[1]), "width": round(s.box(side)[2]),
+             "height": round(s.box(side)[3])} for j, s in enumerate(scene.shapes)]})
+    _write_json(os.path.join(root, "vg/image_data.json"), image_data)
+    _write_json(os.path.join(root, "vg/region_descriptions.json"), regions)
+
+
 def write_sft(root: str, scenes: list[Scene], rng: random.Random, side: int) -> dict[str, dict[str, str]]:
-    """VQAv2, A-OKVQA, LLaVA, VSR and RefCOCO (MDETR) files over ``scenes``; returns the sources map."""
+    """VQAv2, A-OKVQA, LLaVA, VSR, RefCOCO (MDETR), ScienceQA and Visual Genome files over ``scenes``
+    (with the tricky records of the module doc); returns the sources map."""
     vq_questions, vq_annotations, aok, llava, vsr, ref_images, ref_anns = [], [], [], [], [], [], []
     for scene in scenes:
         jpeg = render(scene, side)
@@ -142,6 +220,13 @@ def write_sft(root: str, scenes: list[Scene], rng: random.Random, side: int) -> 
                                "tokens_negative": []})
             ref_anns.append({"area": s.box(side)[2] ** 2, "iscrowd": 0, "image_id": rid, "category_id": 1,
                              "id": rid, "bbox": list(s.box(side)), "original_id": rid, "tokens_positive": []})
+    vq_questions.append({"image_id": MISSING_IMAGE_ID, "question": "How many shapes are there?",
+                         "question_id": MISSING_IMAGE_ID})
+    vq_annotations.append({"question_id": MISSING_IMAGE_ID, "image_id": MISSING_IMAGE_ID, "question_type": "count",
+                           "answer_type": "number", "multiple_choice_answer": "2",
+                           "answers": [{"answer": "2", "answer_confidence": "yes", "answer_id": 1}]})
+    write_scienceqa(root, scenes, rng, side)
+    write_visual_genome(root, scenes, side)
     info = {"description": "synthetic world", "data_subtype": "train2014"}
     _write_json(os.path.join(root, "vqav2/v2_OpenEnded_mscoco_train2014_questions.json"),
                 {"info": info, "task_type": "OpenEnded", "data_type": "mscoco", "data_subtype": "train2014",
@@ -162,6 +247,9 @@ def write_sft(root: str, scenes: list[Scene], rng: random.Random, side: int) -> 
         "llava150k": {"annotations": "llava/llava_instruct_150k.json", "images": "coco/train2017"},
         "vsr": {"annotations": "vsr/train.jsonl", "images": "coco"},
         "refcoco": {"mdetr": "refcoco/finetune_refcoco_train.json", "images": "coco/train2014"},
+        "scienceqa": {"problems": "scienceqa/problems.json", "splits": "scienceqa/pid_splits.json",
+                      "images": "scienceqa/images"},
+        "vg": {"regions": "vg/region_descriptions.json", "image_data": "vg/image_data.json", "images": "vg"},
     }
 
 
@@ -230,11 +318,15 @@ def generate_world(out: str, seed: int = 0, num_pretrain: int = 512, num_sft: in
 
 def world_texts(seed: int = 0, num_scenes: int = 200) -> list[str]:
     """Every kind of text the world produces (captions, questions, answers, prompts), for a tokenizer."""
-    from data_prep.sft.common import SftOptions, TASK_INPUTS, lettered_options, task_input
+    from data_prep.sft.common import SftOptions, lettered_options
     from pipeline.chat import SYSTEM_MESSAGE
+    from pipeline.templates import TASK_INPUTS, task_input
 
     rng = _rng(seed, "texts")
     texts = [SYSTEM_MESSAGE, *TASK_INPUTS.values(), "Describe the image.", "There are shapes."]
+    for question, choices, answer, hint in TEXT_PROBLEMS:
+        texts.append(task_input("multiple_choice_context", question=question, context=hint or "N/A",
+                                options=lettered_options(choices, answer, SftOptions(), question)[0]))
     for i in range(num_scenes):
         scene = make_scene(rng, i, word=i % 2 == 1)
         texts.append(caption(scene))

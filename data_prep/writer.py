@@ -19,7 +19,7 @@ import numpy as np
 from streaming import MDSWriter
 
 from data_prep.images import ImageError, read_image_file, to_encoder_jpeg
-from data_prep.records import OVER_LENGTH, Parsed, Skip
+from data_prep.records import CONVERSION_ERROR, OVER_LENGTH, WRITE_ERROR, Parsed, Sample, Skip
 from pipeline.chat import DEFAULT_LAYOUT, LAYOUTS, OverLength, encode, get_layout
 from pipeline.data import remote as storage
 from pipeline.data.format import MANIFEST_NAME, MDS_COLUMNS, Manifest, join_images
@@ -65,9 +65,19 @@ class Converter:
                                "model_size": self.settings.model_size, **extra})
 
     def convert(self, item: Parsed, source: str) -> dict[str, Any] | Skip:
-        """An MDS row for ``item``, or a :class:`Skip` saying why it cannot be written."""
+        """An MDS row for ``item``, or a :class:`Skip` saying why it cannot be written.
+
+        An unexpected error on one sample is that sample's problem, not the build's: it comes back as a
+        ``conversion_error`` skip naming the error (counted in the manifest, the build goes on).
+        """
         if isinstance(item, Skip):
             return item
+        try:
+            return self._convert(item, source)
+        except Exception as err:  # noqa: BLE001  (one sample must never end a build; the error is kept)
+            return Skip(CONVERSION_ERROR, item.id, f"{type(err).__name__}: {err}")
+
+    def _convert(self, item: Sample, source: str) -> dict[str, Any] | Skip:
         try:
             jpegs = [to_encoder_jpeg(read_image_file(ref) if isinstance(ref, str) else ref, self.image_size)
                      for ref in item.images]
@@ -122,22 +132,37 @@ class DatasetWriter:
         self._examples: dict[str, list[str]] = {}
 
     def add(self, result: dict[str, Any] | Skip) -> None:
-        """Write a row, or count a skip under its reason."""
+        """Write a row, or count a skip under its reason.
+
+        A row the MDS writer refuses (it encodes a row before adding it, so nothing partial is kept)
+        is counted as ``write_error`` and the build goes on; an ``OSError`` (disk full, …) still stops it.
+        """
         if isinstance(result, Skip):
-            self.manifest.skip(result.reason)
-            kept = self._examples.setdefault(result.reason, [])
-            if len(kept) < SKIP_EXAMPLES_KEPT:
-                kept.append(f"{result.id}: {result.detail}" if result.detail else result.id)
+            self._count_skip(result)
             return
         truncated = result.pop("_truncated", False)
-        for flag in result.pop("_flags", ()):
+        flags = result.pop("_flags", ())
+        try:
+            self._mds.write(result)
+        except OSError:
+            raise                   # the disk, not the row: the build cannot go on
+        except Exception as err:  # noqa: BLE001  (one row must never end a build; the error is kept)
+            self._count_skip(Skip(WRITE_ERROR, str(result.get("id", "")), f"{type(err).__name__}: {err}"))
+            return
+        for flag in flags:
             counts = self.manifest.extra.setdefault("counts", {})
             counts[flag] = counts.get(flag, 0) + 1
-        self._mds.write(result)
         self.manifest.samples += 1
         self.manifest.tokens += len(result["input_ids"])
         self.manifest.target_tokens += int(np.sum(result["modality_ids"] == TEXT_TARGET))
         self.manifest.truncated += int(truncated)
+
+    def _count_skip(self, skip: Skip) -> None:
+        """Count ``skip`` under its reason; the first few record ids (with the detail) are kept."""
+        self.manifest.skip(skip.reason)
+        kept = self._examples.setdefault(skip.reason, [])
+        if len(kept) < SKIP_EXAMPLES_KEPT:
+            kept.append(f"{skip.id}: {skip.detail}" if skip.detail else skip.id)
 
     def finish(self) -> Manifest:
         """Flush the shards, write the manifest, then the done marker."""

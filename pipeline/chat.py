@@ -13,7 +13,7 @@ Two named layouts (:data:`LAYOUTS`), both starting every sample with BOS:
     SFT:  <s><|system|>\\n{system}<|end|>\\n<|user|>\\n<image>\\n{input}<|end|>\\n<|assistant|>\\n{target}<|endoftext|>
 
   The target starts right after ``<|assistant|>`` (its ``\\n`` is a target token) and ends with EOS,
-  no ``<|end|>``. One turn per sample (multi-turn dialogues are split, :meth:`TextLayout.split_turns`).
+  no ``<|end|>``. One turn per sample (data prep splits LLaVA's dialogues into one sample per turn).
   With the ``mma`` mode, image tokens then see the prompt up to and including ``<|assistant|>`` and never
   the answer: the official mask.
 
@@ -111,8 +111,8 @@ class TextLayout:
         if not turns:
             raise ValueError("chat_segments needs at least one (input, answer) turn")
         if self.single_turn and len(turns) > 1:
-            raise ValueError(f"layout {self.name!r} holds one turn per sample, got {len(turns)}: split the "
-                             "conversation with TextLayout.split_turns")
+            raise ValueError(f"layout {self.name!r} holds one turn per sample, got {len(turns)}: give each turn "
+                             "its own sample (or use the phi3_chat layout)")
         newline = "" if self.newline_in_answer else "\n"
         segs = [Segment(TEXT_INPUT, f"{SYSTEM_TAG}\n{system}{END_TAG}\n")]
         for i, (user, answer) in enumerate(turns):
@@ -140,10 +140,6 @@ class TextLayout:
                 raise ValueError(f"a caption sample has exactly one image, got {num_images}")
             return self.pretrain_segments(content.text)
         return self.chat_segments(content.turns, num_images, content.system)
-
-    def split_turns(self, turns: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-        """The samples one conversation becomes: one per turn for single-turn layouts, else one."""
-        return [[t] for t in turns] if self.single_turn else [list(turns)]
 
     @property
     def prompt_end(self) -> str:

@@ -2,7 +2,7 @@
 
 A recipe (``pipeline/configs/*.yaml``) has four sections, one per dataclass below::
 
-    base: aki4b_pt_kale.yaml     # optional: a recipe this one extends (merged recursively)
+    base: aki4b_pt.yaml          # optional: a recipe this one extends (merged recursively)
     model: {size: aki-4b, attention_mode: mma, ...}
     data:  {mixture: ..., collate: pack, ...}
     optim: {lr: 1.0e-4, min_lr: 1.0e-5, ...}
@@ -28,13 +28,16 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pipeline.data.remote import is_remote
 from pipeline.recipes import (ConfigError, Proportion, apply_overrides, build_dataclass, read_recipe,
                               resolve_recipe)
+
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
@@ -43,6 +46,7 @@ PRECISIONS = ("bf16", "fp32")
 COLLATE_MODES = ("pad", "pack")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
 INPUT_ORDERS = ("it", "ti")   # image-then-text (as stored) / text-then-image (DOT)
+SCHEDULE_SPANS = ("stage", "order")
 WANDB_MODES = ("online", "offline", "disabled")
 # LR schedules by transformers.get_scheduler name -> the scheduler_specific_kwargs they take.
 SCHEDULERS: dict[str, typing.Callable[["OptimConfig"], dict[str, Any]]] = {
@@ -89,6 +93,25 @@ class DatasetSource:
     """Relative sampling weight; weights are normalised to sum to 1 (Table 4 ratios can be given as-is)."""
     name: str | None = None
     """Label for logs; None: the folder's name."""
+    samples: int | None = None
+    """Read only a seeded sample of this many of the folder's samples, the same ones in every epoch, in
+    every phase and order that names the folder, and in every run with the same ``data.shuffle_seed``
+    (mosaicml-streaming's per-stream ``choose`` with fixed sampling); None: every sample. Streams with
+    ``samples`` are weighted by it: set it on every stream of the phase and leave ``proportion`` at 1."""
+
+
+@dataclasses.dataclass
+class DataPhase:
+    """A stretch of the run that reads one set of datasets, from ``start_step`` to the next phase."""
+
+    name: str
+    """Label (logs, the loader state of a checkpoint, the run's metrics)."""
+    start_step: int = 0
+    """First optimizer step (0-based) of this phase; the first phase starts at 0."""
+    mixture: str | None = None
+    """Mixture YAML written by data_prep, as ``data.mixture``. Set this or ``datasets``."""
+    datasets: list[DatasetSource] | None = None
+    """Dataset folders with proportions, as ``data.datasets``."""
 
 
 @dataclasses.dataclass
@@ -125,7 +148,16 @@ class DataConfig:
     first run (kept on resume). Give it to get the same order as a run on another number of nodes."""
     orders: list[str] = dataclasses.field(default_factory=lambda: ["it"])
     """Input orders of this stage, trained one after another, each for an equal share of the steps.
-    ["it"]: image then text, as stored; ["ti", "it"]: dual-order training (DOT); ["ti"]: DOT ablation."""
+    ["it"]: image then text, as stored; ["ti", "it"]: dual-order training (DOT); ["ti"]: DOT ablation.
+    Each order reads its data from the start (the same samples in the same sequence), see pipeline/data/dot.py."""
+    ti_pt_image: str = "before_end"
+    """Where a T&I pre-training sample puts the image (pipeline.data.dot.TI_PT_IMAGE): "before_end"
+    (``<s>{caption}<image><|endofchunk|>``: the caption's end is predicted after the image, so the connector
+    learns) or "last" (``<s>{caption}<|endofchunk|><image>``: a text-only step, no connector gradient)."""
+    phases: list[DataPhase] | None = None
+    """Data phases of one run (one optimizer, one LR schedule over all of them), e.g. Kale from step 0
+    then OCR-200m from step 250000; each phase reads its datasets from their start. None: one phase of
+    ``mixture`` / ``datasets``. Set either ``phases`` or ``mixture``/``datasets``."""
 
 
 @dataclasses.dataclass
@@ -140,6 +172,9 @@ class OptimConfig:
     """Linear warmup length in optimizer steps."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay."""
+    weight_decay_all: bool = False
+    """true: decay every trainable parameter, as the official AKI code does; false: exempt the 1-D ones
+    (biases, norm weights), the common transformers practice."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW moment coefficients."""
     eps: float = 1e-8
@@ -148,6 +183,9 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0: no clipping)."""
     scheduler: str = "cosine_with_min_lr"
     """transformers.get_scheduler name; one of SCHEDULERS."""
+    schedule_span: str = "stage"
+    """What one LR schedule (warmup + decay) spans: "stage" (all of ``train.total_steps``, across data
+    phases and input orders) or "order" (restarted for each of ``data.orders``, over its share of the steps)."""
 
     def scheduler_kwargs(self) -> dict[str, Any]:
         """``scheduler_specific_kwargs`` for ``transformers.get_scheduler(self.scheduler, ...)``."""
@@ -237,6 +275,7 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
 def validate(config: Config) -> None:
     """Every check that needs neither the world size nor the file system."""
     from pipeline.chat import LAYOUTS
+    from pipeline.data.dot import TI_PT_IMAGE
     from pipeline.model.attention import MODES
     from pipeline.model.sizes import MODEL_SIZES
 
@@ -245,17 +284,7 @@ def validate(config: Config) -> None:
     _choice(m.attention_mode, MODES, "model.attention_mode")
     _choice(m.text_layout, LAYOUTS, "model.text_layout")
     _choice(m.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
-    if d.mixture is not None and d.datasets is not None:
-        raise ConfigError("config sets both `data.mixture` and `data.datasets`; keep one")
-    if d.datasets is not None and sum(s.proportion for s in d.datasets) <= 0:
-        raise ConfigError("config `data.datasets`: the proportions sum to 0; give at least one a weight > 0")
-    for i, s in enumerate(d.datasets or []):
-        if (s.path is None) == (s.remote is None):
-            raise ConfigError(f"config `data.datasets[{i}]` needs exactly one of `path` (a local folder) and "
-                              "`remote` (an s3:// URL, cached in `local`)")
-        if s.remote is not None and not is_remote(s.remote):
-            raise ConfigError(f"config `data.datasets[{i}].remote` is {s.remote!r}: give a URL such as "
-                              "s3://bucket/prefix (local folders go in `path`)")
+    _validate_phases(d, t.total_steps)
     _choice(d.collate, COLLATE_MODES, "data.collate")
     for key in ("pack_tokens", "max_length", "pad_to_multiple_of"):
         _positive(getattr(d, key), f"data.{key}")
@@ -267,6 +296,7 @@ def validate(config: Config) -> None:
         raise ConfigError("config `data.orders` is empty; use [it] (as stored) or [ti, it] (DOT)")
     for i, order in enumerate(d.orders):
         _choice(order, INPUT_ORDERS, f"data.orders[{i}]")
+    _choice(d.ti_pt_image, TI_PT_IMAGE, "data.ti_pt_image")
     _positive(o.lr, "optim.lr")
     _positive(o.min_lr, "optim.min_lr", allow_zero=True)
     if o.min_lr > o.lr:
@@ -278,6 +308,12 @@ def validate(config: Config) -> None:
         if not 0 <= beta < 1:
             raise ConfigError(f"config `optim.betas[{i}]` must be in [0, 1), got {beta}")
     _choice(o.scheduler, SCHEDULERS, "optim.scheduler")
+    _choice(o.schedule_span, SCHEDULE_SPANS, "optim.schedule_span")
+    if o.schedule_span == "order" and (t.total_steps % len(d.orders)
+                                       or o.warmup_steps >= t.total_steps // len(d.orders)):
+        raise ConfigError(f"config `optim.schedule_span` is 'order': `train.total_steps` ({t.total_steps}) must "
+                          f"split evenly between the {len(d.orders)} orders of `data.orders` and each share must "
+                          f"be longer than `optim.warmup_steps` ({o.warmup_steps})")
     _choice(t.stage, STAGES, "train.stage")
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.wandb_mode, WANDB_MODES, "train.wandb_mode")
@@ -297,6 +333,62 @@ def validate(config: Config) -> None:
         t.output_dir = os.path.join("runs", config.name)
 
 
+def _validate_sources(mixture: str | None, datasets: list[DatasetSource] | None, key: str) -> None:
+    if mixture is not None and datasets is not None:
+        raise ConfigError(f"config sets both `{key}.mixture` and `{key}.datasets`; keep one")
+    if datasets is not None and sum(s.proportion for s in datasets) <= 0:
+        raise ConfigError(f"config `{key}.datasets`: the proportions sum to 0; give at least one a weight > 0")
+    limited = [s.samples is not None for s in datasets or []]
+    if any(limited) and not all(limited):
+        raise ConfigError(f"config `{key}.datasets`: some streams set `samples` and some do not; a phase "
+                          "weights its streams either all by `samples` or all by `proportion`")
+    for i, s in enumerate(datasets or []):
+        if (s.path is None) == (s.remote is None):
+            raise ConfigError(f"config `{key}.datasets[{i}]` needs exactly one of `path` (a local folder) and "
+                              "`remote` (an s3:// URL, cached in `local`)")
+        if s.remote is not None and not is_remote(s.remote):
+            raise ConfigError(f"config `{key}.datasets[{i}].remote` is {s.remote!r}: give a URL such as "
+                              "s3://bucket/prefix (local folders go in `path`)")
+        if s.samples is not None:
+            _positive(s.samples, f"{key}.datasets[{i}].samples")
+            if s.proportion != 1.0:
+                raise ConfigError(f"config `{key}.datasets[{i}]` sets both `samples` and `proportion`; a stream "
+                                  "limited to `samples` is weighted by that number: remove `proportion`")
+
+
+def _validate_phases(d: DataConfig, total_steps: int) -> None:
+    """Either one set of data (``mixture``/``datasets``) or ``phases`` starting at 0, in step order."""
+    if d.phases is None:
+        _validate_sources(d.mixture, d.datasets, "data")
+        return
+    if d.mixture is not None or d.datasets is not None:
+        raise ConfigError("config sets `data.phases` and also `data.mixture`/`data.datasets`; give the data "
+                          "in the phases only (set the others to null)")
+    if not d.phases or d.phases[0].start_step != 0:
+        raise ConfigError("config `data.phases` must list at least one phase and the first must have start_step 0")
+    for i, phase in enumerate(d.phases):
+        key = f"data.phases[{i}]"
+        if phase.mixture is None and not phase.datasets:
+            raise ConfigError(f"config `{key}` ({phase.name!r}) has no data: set its `mixture` or `datasets`")
+        _validate_sources(phase.mixture, phase.datasets, key)
+        if i and not d.phases[i - 1].start_step < phase.start_step < total_steps:
+            raise ConfigError(f"config `{key}.start_step` ({phase.start_step}) must be after the previous phase's "
+                              f"({d.phases[i - 1].start_step}) and below `train.total_steps` ({total_steps})")
+    names = [p.name for p in d.phases]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config `data.phases`: names {names} repeat; give each phase its own name")
+    if len(d.phases) > 1 and len(d.orders) > 1:
+        raise ConfigError("config has several `data.phases` and several `data.orders`; DOT splits a stage "
+                          "with one set of data: use one phase, or one order")
+
+
+def training_dtype(config: Config) -> "torch.dtype":
+    """The dtype the model trains in (``train.precision``); the collator ships pixels in it."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[config.train.precision]
+
+
 def grad_accum_steps(config: Config, world_size: int) -> int:
     """Accumulation steps per optimizer step; ConfigError when the batch does not divide evenly."""
     t = config.train
@@ -307,6 +399,13 @@ def grad_accum_steps(config: Config, world_size: int) -> int:
             f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}; change one of them "
             f"(e.g. --set train.micro_batch_size=...)")
     return t.global_batch_size // per_step
+
+
+def data_phases(data: DataConfig) -> list[DataPhase]:
+    """The run's data phases: ``data.phases``, or one phase named "data" of ``data.mixture``/``data.datasets``."""
+    if data.phases is not None:
+        return list(data.phases)
+    return [DataPhase(name="data", start_step=0, mixture=data.mixture, datasets=data.datasets)]
 
 
 def resolve_path(path: str) -> Path:
@@ -324,12 +423,15 @@ def validate_launch(config: Config, world_size: int) -> int:
     """
     accum = grad_accum_steps(config, world_size)
     d = config.data
-    if d.mixture is None and not d.datasets:
+    if d.phases is None and d.mixture is None and not d.datasets:
         raise ConfigError("config has no data: set `data.mixture` (a mixture YAML from data_prep) or "
                           "`data.datasets` (e.g. --set 'data.datasets=[{path: data/kale}]')")
-    paths = {"data.mixture": d.mixture, "train.deepspeed": config.train.deepspeed,
-             "train.init_from": config.train.init_from, "model.tokenizer": config.model.tokenizer}
-    paths.update({f"data.datasets[{i}].path": s.path for i, s in enumerate(d.datasets or [])})
+    paths = {"train.deepspeed": config.train.deepspeed, "train.init_from": config.train.init_from,
+             "model.tokenizer": config.model.tokenizer}
+    for i, phase in enumerate(data_phases(d)):
+        key = "data" if d.phases is None else f"data.phases[{i}]"
+        paths[f"{key}.mixture"] = phase.mixture
+        paths.update({f"{key}.datasets[{j}].path": s.path for j, s in enumerate(phase.datasets or [])})
     for key, path in paths.items():
         if path is not None and not is_remote(path) and not resolve_path(path).exists():
             raise ConfigError(f"config `{key}`: {path} does not exist (working directory {os.getcwd()})")

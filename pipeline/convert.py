@@ -23,6 +23,7 @@ are read from the tensors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from typing import Any, Callable
 import torch
 from transformers import AutoConfig
 
-from pipeline.model.loading import CONFIG_NAME, build_from_config, model_config, read_config
+from pipeline.model.loading import CONFIG_NAME, FORMAT_VERSION, build_from_config, model_config, read_config
 from pipeline.model.sizes import MODEL_SIZES, get_model_size
 from pipeline.model.tensor_files import SINGLE_FILE, TensorSource, write_safetensors
 from pipeline.model.tokenizer import added_token_layout, load_tokenizer
@@ -192,7 +193,7 @@ def from_official(src: str | os.PathLike, out: str | os.PathLike, vision_encoder
                 raise ConvertError(f"{src}: tensor {key!r} is missing: not a released AKI checkpoint")
         resampler = _resampler_config(source)
         llm = {**llm, "vocab_size": source.spec("lang_model.model.embed_tokens.weight")[1][0]}
-        config = {"format_version": 2, "size": _size_name(vision, resampler, llm), "attention_mode": "mma",
+        config = {"format_version": FORMAT_VERSION, "size": _size_name(vision, resampler, llm), "attention_mode": "mma",
                   "attn_implementation": "sdpa", "num_visual_tokens": resampler["num_latents"],
                   "image_size": vision["image_size"], "num_base_ids": num_base_ids, "text_layout": "released",
                   "vision": vision, "resampler": resampler, "llm": llm}
@@ -270,11 +271,8 @@ def to_official(src: str | os.PathLike, out: str | os.PathLike, vision_encoder_p
             (tmp / OFFICIAL_CONFIG).write_text(json.dumps(official, indent=2) + "\n")
             tokenizer.save_pretrained(str(tmp))
 
-        try:
+        with head_source or contextlib.nullcontext():
             return _write_atomically(out, write)
-        finally:
-            if head_source is not None:
-                head_source.__exit__(None, None, None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Model FLOPs of one AKI training step, the numerator of MFU (used by the trainer's logs and by
 ``bench.train_step``).
 
-MFU = step_flops / (step_seconds × peak FLOP/s), peak = 989e12 (H100/H200 dense bf16). ``step_flops`` counts
+MFU = step_flops / (step_seconds × peak FLOP/s), peak from ``pipeline.metrics.PEAK_FLOPS`` by exact GPU name
+(989e12 dense bf16 on H100 SXM / H200). ``step_flops`` counts
 the work the model must do, not what a kernel happens to spend (padding and recomputation are not counted):
 
 * LLM body (trainable, forward + backward = 3 × forward): ``6 · N_body · T`` where ``N_body`` = LLM
@@ -10,12 +11,13 @@ the work the model must do, not what a kernel happens to spend (padding and reco
 * LM head: ``6 · d · V · P`` where ``P`` = positions whose next token is a TEXT_TARGET (the model computes
   logits only there);
 * LLM attention scores and weighted sum: ``3 · 4 · d · layers · A`` where ``A`` = visible (query, key)
-  pairs of the attention mode's mask: exact from ``pipeline.model.attention.dense_mask`` in
-  :func:`batch_shape` (benchmarks), or the causal count :func:`causal_pairs` (the trainer, every step,
-  without building an L² mask; a slight under-count for ``mma``, whose image tokens also read the prompt);
+  pairs of the attention mode's mask, counted exactly by :func:`visible_pairs` without an L² mask (the
+  trainer every step, the benchmarks once): the pairs with the key at or before the query, plus the
+  non-causal pairs the mode allows (``mma``: image slots reading the prompt text after them);
 * connector (trainable): ``6 · N_connector · N`` per image for latents + projection, plus
-  ``4 · 2 · dim · inner · depth · M`` for the keys/values of the ``M`` patch features (forward and weight
-  gradient; the frozen features need no gradient) and
+  ``6 · 2 · dim · inner · depth · M`` for the keys/values of the ``M`` patch features (forward, weight
+  gradient and input gradient: the input is ``norm_media`` of the frozen features, and that LayerNorm is
+  trained, so the gradient flows through the K/V projection) and
   ``3 · 4 · inner · depth · N · (M + N)`` for its attention;
 * vision tower (frozen, forward only): ``2 · N_vision · M + 4 · hidden · layers · M²`` per image.
 """
@@ -25,8 +27,8 @@ import dataclasses
 
 import torch
 
-from pipeline.model.attention import dense_mask
-from pipeline.tokens import PAD
+from pipeline.model.attention import _turns, get_mode, position_ids
+from pipeline.tokens import IMAGE, PAD, TEXT_INPUT, TEXT_TARGET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,26 +88,50 @@ class BatchShape:
 
 def batch_shape(modality_ids: torch.Tensor, document_ids: torch.Tensor | None, mode: str,
                 num_visual_tokens: int, num_images: int) -> BatchShape:
-    """Measure a batch (on CPU, once, outside the timed step)."""
+    """Measure a batch (on CPU, outside the timed step)."""
     from pipeline.model.aki import target_positions
 
     mods = modality_ids.cpu()
     docs = None if document_ids is None else document_ids.cpu()
-    visible = sum(int(dense_mask(mods[i:i + 1], mode, None if docs is None else docs[i:i + 1],
-                                 num_visual_tokens).sum()) for i in range(len(mods)))
     return BatchShape(tokens=int((mods != PAD).sum()), grid_tokens=mods.numel(),
-                      predicted=int(target_positions(mods, docs).sum()), visible_pairs=visible, images=num_images)
+                      predicted=int(target_positions(mods, docs).sum()),
+                      visible_pairs=visible_pairs(mods, docs, mode, num_visual_tokens), images=num_images)
 
 
-def causal_pairs(modality_ids: torch.Tensor, document_ids: torch.Tensor | None) -> int:
-    """Visible pairs of a causal mask over the batch's documents: n(n+1)/2 per document of n tokens."""
-    if document_ids is None:
-        n = (modality_ids != PAD).sum(1).double()
-    else:
-        rows = torch.arange(document_ids.shape[0])[:, None].expand_as(document_ids)
-        keys = (rows * (document_ids.max() + 1) + document_ids)[document_ids > 0]
-        n = torch.unique(keys, return_counts=True)[1].double()
-    return int((n * (n + 1) / 2).sum())
+def _count_at_or_before(keys: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> int:
+    """Σ over i of #{keys in [starts[i], ends[i]]} (``keys`` sorted), by binary search."""
+    return int((torch.searchsorted(keys, ends, right=True) - torch.searchsorted(keys, starts)).sum())
+
+
+def visible_pairs(modality_ids: torch.Tensor, document_ids: torch.Tensor | None, mode: str,
+                  num_visual_tokens: int | None = None) -> int:
+    """(query, key) pairs the mode's mask allows — the sum of ``attention.dense_mask`` — in O(L log L).
+
+    Causal pairs: per query, the keys of its document whose position is at or before its own (``cca``
+    positions included). Non-causal pairs (key after the query, same document and turn) are allowed by a
+    mode's rule from the two modalities alone (true of every mode in ``attention.MODES``); they are
+    counted per (query modality, key modality) combination the rule accepts.
+    """
+    spec = get_mode(mode)
+    mods = modality_ids.cpu().long()
+    real = mods != PAD
+    docs = real.long() if document_ids is None else document_ids.cpu().long()
+    pos = position_ids(mods, mode, docs, num_visual_tokens)[real]
+    span = int(pos.max()) + 2 if len(pos) else 1
+    rows = torch.arange(mods.shape[0])[:, None].expand_as(mods)
+    doc = (rows * (int(docs.max()) + 1) + docs)[real]            # one id per (row, document)
+    total = _count_at_or_before((doc * span + pos).sort().values, doc * span, doc * span + pos)
+    group = doc * (int(_turns(mods).max()) + 1) + _turns(mods)[real]   # one id per (document, turn)
+    m = mods[real]
+    ahead, behind = torch.tensor(1), torch.tensor(0)
+    for mq in (IMAGE, TEXT_INPUT, TEXT_TARGET):
+        for mk in (IMAGE, TEXT_INPUT, TEXT_TARGET):
+            if not bool(spec.rule(torch.tensor(mq), torch.tensor(mk), behind, ahead)):
+                continue
+            q, k = m == mq, m == mk
+            keys = (group[k] * span + pos[k]).sort().values
+            total += _count_at_or_before(keys, group[q] * span + pos[q] + 1, group[q] * span + span - 1)
+    return total
 
 
 def step_flops(c: ModelCounts, b: BatchShape, useful: bool = True) -> float:
@@ -114,7 +140,7 @@ def step_flops(c: ModelCounts, b: BatchShape, useful: bool = True) -> float:
     llm = 6 * c.llm_body * tokens + 6 * c.llm_hidden * c.vocab * b.predicted
     llm_attention = 3 * 4 * c.llm_hidden * c.llm_layers * b.visible_pairs
     m, n = c.patches, c.num_latents
-    connector = (6 * c.connector * n + 4 * 2 * c.resampler_dim * c.resampler_inner * c.resampler_depth * m
+    connector = (6 * c.connector * n + 6 * 2 * c.resampler_dim * c.resampler_inner * c.resampler_depth * m
                  + 3 * 4 * c.resampler_inner * c.resampler_depth * n * (m + n))
     vision = 2 * c.vision * m + 4 * c.vision_hidden * c.vision_layers * m * m
     return float(llm + llm_attention + b.images * (connector + vision))

@@ -1,10 +1,13 @@
 """Batched generation with a KV cache, and a command line that answers a question about an image.
 
-The prompts (TEXT_INPUT + IMAGE, built by ``pipeline.chat``) are left-padded to one length and prefilled
-with the model's attention mode: its mask (PAD keys hidden) and its position ids (0 at each row's first
-real token; concentric for ``cca``). Each generated token is TEXT_TARGET: it attends causally to the whole
-prompt and to the tokens generated before it, at the position after its row's previous token. Decoding
-stops at the tokenizer's stop tokens (``<|end|>``, ``<|endofchunk|>``, EOS) or after ``max_new_tokens``.
+The prompts (built by ``pipeline.chat`` in the model's text layout: TEXT_INPUT + IMAGE, and in the
+``released`` layout the answer's leading ``\n`` as a TEXT_TARGET token, as the released model was trained)
+are left-padded to one length and prefilled with the model's attention mode: its mask (PAD keys hidden)
+and its position ids (0 at each row's first real token; concentric for ``cca``). Each generated token is
+TEXT_TARGET: it attends causally to the whole prompt and to the tokens generated before it, at the
+position after its row's previous token. Decoding stops at the tokenizer's stop tokens (EOS, which ends
+answers in the ``released`` layout; ``<|end|>`` in ``phi3_chat``; ``<|endofchunk|>``) or after
+``max_new_tokens``.
 This equals a single teacher-forced forward of prompt + answer with the answer marked TEXT_TARGET.
 
     python -m pipeline.generate --checkpoint EXPORT_DIR --image IMG.jpg --question "What is shown?"
@@ -19,11 +22,12 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from pipeline.chat import SYSTEM_MESSAGE, Chat, Segment, encode, get_layout
+from pipeline.compat import CACHE_KWARG
 from pipeline.model import attention
 from pipeline.model.aki import AKIModel
 from pipeline.model.images import ImageLike
 from pipeline.model.tokenizer import stop_token_ids as tokenizer_stop_ids
-from pipeline.tokens import PAD
+from pipeline.tokens import IMAGE, PAD
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -92,7 +96,7 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
         inputs_embeds=model.embed(input_ids, modality_ids, pixel_values),
         attention_mask=model.backend.layout_mask(modality_ids, mode, None, n),
         position_ids=attention.position_ids(modality_ids, mode, None, n),
-        past_key_values=cache, use_cache=True,
+        use_cache=True, **{CACHE_KWARG: cache},
     ).last_hidden_state
     logits = model.logits(hidden[:, -1])
     # Decode steps: the new token sees every real prompt token and every generated token.
@@ -113,8 +117,7 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
             inputs_embeds=model.embed_tokens(token[:, None]),
             attention_mask=model.backend.from_dense(visible[:, None, None, :]),
             position_ids=position[:, None] + step,
-            past_key_values=cache, use_cache=True,
-            cache_position=torch.tensor([visible.shape[1] - 1], device=device),
+            use_cache=True, **{CACHE_KWARG: cache},
         ).last_hidden_state
         logits = model.logits(hidden[:, -1])
     return [_until_stop(row, set(stop_token_ids)) for row in torch.stack(generated, dim=1).tolist()]
@@ -147,9 +150,10 @@ def generate(model: AKIModel, tokenizer: PreTrainedTokenizerBase | None,
     encoded_prompts = []
     for i, (prompt, imgs) in enumerate(zip(prompts, images)):
         segs = layout.segments(prompt, len(imgs)) if isinstance(prompt, Chat) else prompt
+        slots = sum(seg.modality == IMAGE for seg in segs)    # adjacent images form one IMAGE run
+        if slots != len(imgs):
+            raise ValueError(f"prompt {i} has {slots} image slots but {len(imgs)} images")
         encoded = encode(tokenizer, segs, model.num_visual_tokens)
-        if encoded.num_images != len(imgs):
-            raise ValueError(f"prompt {i} has {encoded.num_images} image slots but {len(imgs)} images")
         encoded_prompts.append((encoded.input_ids, encoded.modality_ids))
     flat = [img for imgs in images for img in imgs]
     pixel_values = model.image_processor(flat) if flat else None

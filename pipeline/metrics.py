@@ -23,28 +23,44 @@ from typing import Any
 import torch
 
 
-# Dense peak FLOP/s (no sparsity) per device name substring, bf16 / fp32 tensor-core math.
+# Dense (no sparsity) tensor-core peak FLOP/s by the exact name torch.cuda.get_device_name() reports, from
+# NVIDIA's data sheets: bf16, and fp32 inputs on TF32 tensor cores. The H100 variants differ (SXM 989,
+# NVL 835, PCIe 756 TFLOP/s bf16: clocks and power), so a substring such as "H100" cannot choose the peak.
+_H100_SXM = {"bf16": 989e12, "fp32": 494e12}
+_H100_NVL = {"bf16": 835e12, "fp32": 418e12}
+_H100_PCIE = {"bf16": 756e12, "fp32": 378e12}
+_A100 = {"bf16": 312e12, "fp32": 156e12}
 PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989e12, "fp32": 494e12},
-    "H100": {"bf16": 989e12, "fp32": 494e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12},
-    "L40S": {"bf16": 362e12, "fp32": 183e12},
-    "A10G": {"bf16": 125e12, "fp32": 62.5e12},
+    "NVIDIA H100 80GB HBM3": _H100_SXM,          # H100 SXM5
+    "NVIDIA H100 PCIe": _H100_PCIE,
+    "NVIDIA H100 NVL": _H100_NVL,
+    "NVIDIA H200": _H100_SXM,                    # H200 SXM: H100 SXM compute, 141 GB HBM3e
+    "NVIDIA H200 NVL": _H100_NVL,
+    "NVIDIA GH200 480GB": _H100_SXM,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA L40S": {"bf16": 362e12, "fp32": 183e12},
+    "NVIDIA A10G": {"bf16": 125e12, "fp32": 62.5e12},
 }
 PEAK_FLOPS_ENV = "AKI_PEAK_TFLOPS"   # override (per device, in TFLOP/s) for hardware not listed above
 
 
+def device_peak_flops(device_name: str, precision: str = "bf16") -> float | None:
+    """Peak FLOP/s of a device by its exact name (:data:`PEAK_FLOPS`); None when the name is not listed."""
+    table = PEAK_FLOPS.get(device_name.strip())
+    return None if table is None else table[precision]
+
+
 def peak_flops(precision: str) -> float | None:
-    """Peak FLOP/s of one device, from ``AKI_PEAK_TFLOPS`` or :data:`PEAK_FLOPS`; None when unknown (CPU)."""
+    """Peak FLOP/s of this process's device, from ``AKI_PEAK_TFLOPS`` or :data:`PEAK_FLOPS`; None when unknown
+    (CPU, or a GPU not listed: set ``AKI_PEAK_TFLOPS`` for it)."""
     if os.environ.get(PEAK_FLOPS_ENV):
         return float(os.environ[PEAK_FLOPS_ENV]) * 1e12
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, table in PEAK_FLOPS.items():
-        if key in name:
-            return table[precision]
-    return None
+    return device_peak_flops(torch.cuda.get_device_name(), precision)
 
 
 def peak_memory_gb(reset: bool = True) -> float:

@@ -1,6 +1,6 @@
 """Train AKI with DeepSpeed ZeRO-3: one recipe, one stage (PT or SFT), resumable at any step.
 
-    torchrun --nproc_per_node 8 -m pipeline.train --config aki4b_pt_kale [--set optim.lr=5e-5 ...]
+    torchrun --nproc_per_node 8 -m pipeline.train --config aki4b_pt [--set optim.lr=5e-5 ...]
              [--resume auto|CKPT_DIR] [--output-dir DIR] [--stop-at-step N]
 
 What it does, top to bottom: read and validate the recipe (a bad one fails here, before any distributed
@@ -9,7 +9,8 @@ parameter is partitioned as it is created, so no rank holds the whole model; ``i
 previous stage's export) → AdamW on the trainable connector + LLM (SigLIP stays frozen) with the recipe's
 ``transformers`` LR schedule → DeepSpeed engine → optionally resume → loop → final checkpoint and export.
 
-One optimizer step (:meth:`Trainer.train_step`): fetch the step's micro-batches, all-reduce their
+One optimizer step (:meth:`Trainer.train_step`; its hot path :func:`forward_backward` is also what
+``python -m bench.train_step --engine deepspeed`` times): fetch the step's micro-batches, all-reduce their
 target-token count once, then forward/backward each with ``loss_sum · world / global_target_tokens`` —
 so the step's gradient is that of the token-mean loss of the whole global batch, whatever the split
 into ranks and accumulation steps. Before the last backward the step's loss is all-reduced; when it is
@@ -32,7 +33,7 @@ import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,7 +41,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import (Config, ConfigError, fill_deepspeed_config, load_config, offloads_optimizer,
                              save_config, validate_launch)
 from pipeline.distributed import setup_distributed
-from pipeline.flops import BatchShape, causal_pairs, count_model, step_flops
+from pipeline.flops import BatchShape, count_model, step_flops, visible_pairs
 from pipeline.metrics import MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
 from pipeline.tokens import PAD
 from pipeline.zero3 import register_zero_config
@@ -119,36 +120,95 @@ def build_model(config: Config, ds_config: dict[str, Any], tokenizer, load_init_
     return model
 
 
-def build_optimizer(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]):
-    """AdamW over the trainable parameters (no decay on 1-D ones: biases, norms) and the recipe's schedule."""
-    from transformers import get_scheduler
+def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]):
+    """AdamW + schedule (:func:`build_optimizer`) and the DeepSpeed engine; returns (engine, scheduler)."""
+    import deepspeed
 
+    optimizer, scheduler = build_optimizer(model, config, ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return engine, scheduler
+
+
+def device_inputs(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model inputs of a collated batch on the device, validated on the CPU first (the step then runs
+    ``validate=False``: no read-backs from the device inside the step); copies are non-blocking from the
+    loader's pinned memory."""
+    from pipeline.data.collate import MODEL_INPUTS
+
+    inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    model.check_inputs(**inputs)
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def forward_backward(engine, batches: list[dict[str, Any]], prepare: Callable[[dict[str, Any]], dict[str, Any]],
+                     scale: float, targets: float) -> float:
+    """Forward, backward and ``engine.step()`` of each micro-batch of one optimizer step; returns the step's
+    token-mean loss over the global batch (one all-reduce and one host read, before the last backward).
+
+    Each micro-batch's loss is ``loss_sum · scale`` (``scale`` = world / global target tokens). When the
+    step's loss is not finite, the last backward is made non-finite on purpose so DeepSpeed's overflow
+    check drops the accumulated gradients and skips the update.
+    """
+    import torch.distributed as dist
+
+    loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
+    step_loss = float("nan")
+    for i, batch in enumerate(batches):
+        out = engine(**prepare(batch), return_logits=False, validate=False)
+        loss_sum += out.loss_sum.detach().float()
+        loss = out.loss_sum * scale
+        if i == len(batches) - 1:
+            total = loss_sum.clone()
+            dist.all_reduce(total)
+            step_loss = total.item() / max(targets, 1.0)
+            if not math.isfinite(step_loss):
+                loss = loss * float("nan")   # DeepSpeed's overflow check then skips the update
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+    return step_loss
+
+
+def build_optimizer(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]):
+    """AdamW over the trainable parameters (1-D ones, biases and norms, decayed only with
+    ``optim.weight_decay_all``) and the recipe's schedule (:func:`build_lr_schedule`)."""
     o = config.optim
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+            (decay if o.weight_decay_all or len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps,
-                              num_training_steps=config.train.total_steps,
+    else:   # fused: one kernel for the whole update on the GPU (DeepSpeed steps it on its fp32 partitions)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps,
+                                      fused=True if torch.cuda.is_available() else None)
+    return optimizer, build_lr_schedule(optimizer, config)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's ``transformers`` schedule over the whole stage, or restarted for each input order
+    (``optim.schedule_span: order``: warmup and decay over each order's equal share of the steps)."""
+    from transformers import get_scheduler
+
+    o, total = config.optim, config.train.total_steps
+    span = total if o.schedule_span == "stage" else total // len(config.data.orders)
+    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=span,
                               scheduler_specific_kwargs=o.scheduler_kwargs())
-    return optimizer, scheduler
+    if span == total:
+        return scheduler
+    factor = scheduler.lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step % span))
 
 
 class Trainer:
     """Builds everything from a validated recipe; :meth:`fit` runs the stage."""
 
     def __init__(self, config: Config, resume: str | None = None, stop_at_step: int | None = None):
-        import deepspeed
         import torch.distributed as dist
-        from pipeline.data.dataset import build_dataloader
-        from pipeline.data.dot import build_dot_schedule
+        from pipeline.data.phases import PhasedLoader
 
         self.config, self.stop_at_step = config, stop_at_step
         started = time.perf_counter()
@@ -176,13 +236,11 @@ class Trainer:
         model = build_model(config, self.ds_config, self.tokenizer, load_init_weights=self.resume_from is None)
         phase("model_s")
         self.flops = count_model(model)
-        optimizer, scheduler = build_optimizer(model, config, self.ds_config)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 lr_scheduler=scheduler, config=self.ds_config)
+        self.engine, self.scheduler = build_engine(model, config, self.ds_config)
         phase("engine_s")
-        self.loader = build_dataloader(config, self.tokenizer, image_processor=model.image_processor)
-        self.dot = build_dot_schedule(config.data.orders, config.train.total_steps, self.tokenizer,
-                                          config.model.text_layout)
+        self.data = PhasedLoader(config, self.tokenizer, model.image_processor,
+                                 on_start=lambda info: self.logger.event({"event": "data_phase", "step": self.step,
+                                                                          **info}))
 
         self.step, self.nonfinite_streak, self.skipped_steps = 0, 0, 0
         self.run_id = uuid.uuid4().hex[:8]
@@ -190,8 +248,7 @@ class Trainer:
             state, rank_state = ckpt.load(self.engine, self.resume_from)
             self.step, self.run_id = int(state["step"]), state["wandb_run_id"]
             self.skipped_steps = int(state.get("skipped_steps", 0))
-            self.loader.load_state_dict(rank_state["data"])
-        self.data_iter = iter(self.loader)
+            self.data.load_state_dict(rank_state["data"], self.step)
         phase("data_and_resume_s")
         self.logger = MetricsLogger(self.output_dir, self.rank == 0, config.train.wandb_project,
                                     config.train.wandb_mode, self.run_id, config.name, config.to_dict())
@@ -211,51 +268,25 @@ class Trainer:
         self.stop_signal = signum
 
     # ---- one optimizer step ---------------------------------------------------------------------
-    def next_micro_batches(self) -> list[dict[str, Any]]:
-        batches = []
-        for _ in range(self.gas):
-            try:
-                batches.append(next(self.data_iter))
-            except StopIteration:           # end of an epoch: streaming starts the next one
-                self.data_iter = iter(self.loader)
-                batches.append(next(self.data_iter))
-        return batches
-
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The model inputs on the device, validated on the CPU first (no read-backs inside the step)."""
-        from pipeline.data.collate import MODEL_INPUTS
-        inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-        self.engine.module.check_inputs(**inputs)
-        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+    def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return device_inputs(self.engine.module, batch, self.device)
 
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         import torch.distributed as dist
 
+        mode, n_visual = self.config.model.attention_mode, self.flops.num_latents
         counts = torch.tensor([sum(b["num_target_tokens"] for b in batches),
                                sum(int((b["modality_ids"] != PAD).sum()) for b in batches),
                                sum(b["modality_ids"].numel() for b in batches),
                                sum(int(b["pixel_values"].shape[0]) for b in batches),
-                               sum(causal_pairs(b["modality_ids"], b.get("document_ids")) for b in batches),
+                               sum(visible_pairs(b["modality_ids"], b.get("document_ids"), mode, n_visual)
+                                   for b in batches),
                                sum(b["num_samples"] for b in batches),
                                float(self.stop_signal is not None)], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         targets, tokens, grid, images, pairs, samples, stop = counts.tolist()
-        scale = self.world / max(targets, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         lr = self.scheduler.get_last_lr()[0]
-        for i, batch in enumerate(batches):
-            inputs = self._to_device(self.dot.apply(batch, self.step))
-            out = self.engine(**inputs, return_logits=False, validate=False)
-            loss_sum += out.loss_sum.detach().float()
-            loss = out.loss_sum * scale
-            if i == len(batches) - 1:
-                total = loss_sum.clone()
-                dist.all_reduce(total)
-                step_loss = total.item() / max(targets, 1.0)
-                if not math.isfinite(step_loss):
-                    loss = loss * float("nan")   # DeepSpeed's overflow check then skips the update
-            self.engine.backward(loss, scale_wrt_gas=False)
-            self.engine.step()
+        step_loss = forward_backward(self.engine, batches, self.prepare, self.world / max(targets, 1.0), targets)
         finite = math.isfinite(step_loss)
         if finite and not self.engine.was_step_applied():
             finite = False      # DeepSpeed found a non-finite gradient norm with a finite loss
@@ -287,7 +318,7 @@ class Trainer:
         saved_at = self.step if self.resume_from is not None else None
         while self.step < t.total_steps:
             start = time.perf_counter()
-            batches = self.next_micro_batches()
+            batches = self.data.micro_batches(self.step, self.gas)
             waited = time.perf_counter() - start
             digest = self.data_digest(batches)
             r = self.train_step(batches)
@@ -334,7 +365,7 @@ class Trainer:
         state = {"wandb_run_id": self.run_id, "skipped_steps": self.skipped_steps, "config": self.config.to_dict()}
         from pipeline.export import save_skeleton
 
-        path = ckpt.save(self.engine, self.output_dir, self.step, state, {"data": self.loader.state_dict()},
+        path = ckpt.save(self.engine, self.output_dir, self.step, state, {"data": self.data.state_dict()},
                          self.config.train.keep_last,
                          write_extra=lambda p: save_skeleton(self.engine.module, p / ckpt.SKELETON))
         self.logger.event({"event": "checkpoint", "step": self.step, "path": str(path)})
@@ -355,6 +386,7 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        self.data.close()
         self.logger.close()
 
 

@@ -50,7 +50,8 @@ def build_partitioned(factory: Callable[[], nn.Module], ds_config: dict[str, Any
     """``factory()`` under ``zero.Init`` (when the config is ZeRO-3), then initialise ``random_init(model)``'s
     modules with :func:`init_partitioned` (None: every weight is loaded afterwards, nothing to initialise)."""
     import deepspeed
-    from transformers.modeling_utils import no_init_weights
+
+    from pipeline.compat import no_init_weights
 
     if not ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         return factory()

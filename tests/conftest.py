@@ -118,6 +118,24 @@ def tiny_model_factory(tiny_size, tiny_tokenizer):
     return build
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_tokenizer) -> str:
+    """An export folder of a tiny MMA model with the tiny tokenizer (shared by the evaluation tests)."""
+    import torch
+
+    from pipeline.model.aki import AKIModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("export") / "tiny_mma"
+    model = AKIModel("tiny", tokenizer=tiny_tokenizer, attention_mode="mma")
+    with torch.no_grad():   # a wide random init: answers differ from prompt to prompt
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 # ---- object storage ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -35,11 +35,12 @@ def jpeg(color: str, side: int) -> bytes:
 
 
 def write_dataset(folder: str | os.PathLike, tokenizer, kind: str, n: int, num_visual_tokens: int = 4,
-                  image_size: int = 32, text_only_every: int = 0, shard_size: int = 1 << 14) -> str:
+                  image_size: int = 32, text_only_every: int = 0, caption: str = "a {color} square",
+                  shard_size: int = 1 << 14) -> str:
     """An MDS dataset folder (+ manifest.json) of synthetic colour samples.
 
-    ``kind``: "pt" (``<image>a {colour} square``) or "sft" (question about the colour; every
-    ``text_only_every``-th sample is a text-only multiple-choice question, like ScienceQA without image).
+    ``kind``: "pt" (``<image>{caption}`` with the colour filled in) or "sft" (question about the colour;
+    every ``text_only_every``-th sample is a text-only multiple-choice question, like ScienceQA without image).
     """
     from streaming import MDSWriter
 
@@ -55,7 +56,7 @@ def write_dataset(folder: str | os.PathLike, tokenizer, kind: str, n: int, num_v
             color = names[i % len(names)]
             images = [jpeg(color, image_size)]
             if kind == "pt":
-                segments = chat.pretrain_segments(f"a {color} square")
+                segments = chat.pretrain_segments(caption.format(color=color))
             elif text_only_every and i % text_only_every == 0:
                 images = []
                 segments = chat.chat_segments([(f"Which word names a colour? A. {color} B. table", "A")],

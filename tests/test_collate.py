@@ -52,7 +52,7 @@ def test_pack_layout(samples):
     budget = max(lengths) + 20
     batch = collate(samples, "pack", pad_id=7, pack_tokens=budget)
     ids, mods, docs = batch["input_ids"], batch["modality_ids"], batch["document_ids"]
-    assert ids.shape[0] < len(samples) and ids.shape[1] <= budget
+    assert ids.shape[0] < len(samples) and ids.shape[1] == budget      # every packed row: one static width
     found, images = [], []
     for row in range(ids.shape[0]):
         assert int((docs[row] > 0).sum()) <= budget

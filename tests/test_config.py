@@ -25,7 +25,7 @@ def test_every_shipped_recipe_validates(name):
 
 
 def test_paper_hyperparameters_in_aki4b_recipes():
-    pt, sft = load_config("aki4b_pt_kale"), load_config("aki4b_sft_mma")
+    pt, sft = load_config("aki4b_pt"), load_config("aki4b_sft_mma")
     assert (pt.train.global_batch_size, pt.optim.lr, pt.optim.min_lr, pt.optim.warmup_steps,
             pt.optim.weight_decay) == (192, 1e-4, 1e-5, 2000, 1e-2)
     assert (sft.train.global_batch_size, sft.optim.lr, sft.optim.min_lr, sft.optim.warmup_steps,
@@ -33,7 +33,11 @@ def test_paper_hyperparameters_in_aki4b_recipes():
     for c in (pt, sft):
         assert (c.optim.grad_clip, c.train.precision, c.optim.scheduler) == (1.0, "bf16", "cosine_with_min_lr")
     assert sft.model.attention_mode == "mma" and sft.train.stage == "sft"
-    assert load_config("aki4b_pt_ocr").train.init_from == "runs/aki4b_pt_kale/export"
+    assert sft.train.init_from == "runs/aki4b_pt/export" and pt.optim.weight_decay_all and sft.optim.weight_decay_all
+    # one run of 275k steps: Kale (100M-sample subset) for 250k, then OCR-200m (5M) for 25k (Appendix B.1)
+    assert pt.train.total_steps == 275000
+    assert [(p.name, p.start_step, [(s.path, s.samples) for s in p.datasets]) for p in pt.data.phases] == [
+        ("kale", 0, [("data/pt/kale", 100_000_000)]), ("ocr", 250000, [("data/pt/ocr", 5_000_000)])]
 
 
 def test_table1_rows_differ_only_where_the_paper_says():
@@ -48,8 +52,13 @@ def test_table1_rows_differ_only_where_the_paper_says():
     for name, (mode, orders, steps) in expected.items():
         c = load_config(name)
         assert (c.model.attention_mode, c.data.orders, c.train.total_steps) == (mode, orders, steps), name
-        if c.train.stage == "sft":  # same data and optimiser as the baseline row
-            assert c.to_dict()["optim"] == base["optim"] and c.data.mixture == load_config("t1_causal_sft").data.mixture
+        if c.train.stage == "sft":  # same data and optimiser as the baseline row (DOT: a schedule per order)
+            optim = {**c.to_dict()["optim"], "schedule_span": "stage"}
+            assert optim == base["optim"] and c.data.mixture == load_config("t1_causal_sft").data.mixture
+        else:                       # the same 10M Kale samples for every row
+            assert [(s.path, s.samples) for s in c.data.phases[0].datasets] == [("data/pt/kale", 10_000_000)]
+        assert c.optim.weight_decay_all
+        assert c.optim.schedule_span == ("order" if len(c.data.orders) > 1 else "stage"), name
     assert load_config("t1_dot-wo-it-sft_sft").train.init_from == "runs/t1_dot_pt/export"
 
 
@@ -91,7 +100,7 @@ def test_set_overrides_parse_values_with_yaml():
     ("train.micro_batch_size=3", "not a multiple of `train.micro_batch_size`"),
     ("train.total_steps=ten", "`train.total_steps` must be an integer"),
     ("optim.betas=[0.9]", "`optim.betas` must have 2 values"),
-    ("data.max_length=1024", "`data.pack_tokens` \\(512\\) is smaller than `data.max_length`"),
+    ("data.max_length=1024", "`data.pack_tokens` \\(256\\) is smaller than `data.max_length`"),
     ("noequals", "not of the form section.key=value"),
 ])
 def test_bad_config_is_one_clear_error(override, message):
@@ -105,8 +114,8 @@ def test_unknown_recipe_name_suggests_the_closest():
 
 
 def test_batch_must_divide_by_micro_batch_times_world_size():
-    c = load_config("aki4b_pt_kale")  # 192 = micro 8 x ranks x accumulation
-    assert grad_accum_steps(c, 8) == 3 and grad_accum_steps(c, 24) == 1
+    c = load_config("aki4b_pt")  # 192 = micro 24 x ranks x accumulation
+    assert grad_accum_steps(c, 8) == 1 and grad_accum_steps(c, 2) == 4
     with pytest.raises(ConfigError, match=r"not divisible .* x world size \(5\)"):
         grad_accum_steps(c, 5)
 
@@ -175,3 +184,41 @@ def test_recipe_lr_schedule_warms_up_then_decays_to_min_lr():
     lrs.append(schedule.get_last_lr()[0])
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(o.lr)
     assert lrs[-1] == pytest.approx(o.min_lr) and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_reproduction_guide_is_regenerated_from_the_recipes():
+    from pipeline.reproduction import GUIDE, main, render
+
+    text = render()
+    assert GUIDE.read_text() == text, "pipeline/configs/README.md is stale: run python -m pipeline.reproduction"
+    assert main(["--check"]) == 0
+    # one line per recipe of each paper run, with its steps, batch and samples
+    assert "| Table 1: DOT | PT | `t1_dot_pt` | kale@0: `data/pt/kale` (10M) | 100k | 192 |" in text
+    assert "| 19.2M | 9.6M |" in text.split("`t1_dot_pt`")[1].splitlines()[0]
+    assert "ocr@250000: `data/pt/ocr` (5M) | 275k |" in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.phases=[{name: a, start_step: 2, datasets: [{path: d}]}]", "the first must have start_step 0"),
+    ("data.phases=[{name: a, datasets: [{path: d}]}, {name: b, start_step: 6, datasets: [{path: e}]}]",
+     r"must be after the previous phase's \(0\) and below `train.total_steps` \(6\)"),
+    ("data.phases=[{name: a, datasets: [{path: d}]}, {name: a, start_step: 3, datasets: [{path: e}]}]", "repeat"),
+    ("data.phases=[{name: a}]", r"`data.phases\[0\]` \('a'\) has no data"),
+    ("data.datasets=[{path: d, samples: 5, proportion: 0.5}]", "sets both `samples` and `proportion`"),
+    ("data.datasets=[{path: d, samples: 5}, {path: e}]", "some streams set `samples` and some do not"),
+    ("optim.schedule_span=orders", "did you mean 'order'"),
+    ("data.ti_pt_image=first", "choose one of 'before_end', 'last'"),
+])
+def test_bad_phases_subsets_and_schedules_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_pt", [override])
+
+
+def test_phases_exclude_top_level_data_and_several_dot_orders():
+    phases = "data.phases=[{name: a, datasets: [{path: d}]}, {name: b, start_step: 3, datasets: [{path: e}]}]"
+    with pytest.raises(ConfigError, match="give the data in the phases only"):
+        load_config("tiny_pt", [phases, "data.datasets=[{path: d}]"])
+    with pytest.raises(ConfigError, match="several `data.phases` and several `data.orders`"):
+        load_config("tiny_pt", [phases, "data.orders=[ti, it]"])
+    with pytest.raises(ConfigError, match="must split evenly"):
+        load_config("tiny_pt", ["data.orders=[ti, it]", "train.total_steps=7", "optim.schedule_span=order"])

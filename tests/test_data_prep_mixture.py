@@ -7,11 +7,11 @@ import pytest
 import yaml
 from streaming import Stream, StreamingDataset
 
-from data_prep.mixture import (TABLE4_RATIOS, load_mixture, parse_ratio_overrides, read_ratio_yaml,
-                               resolve_ratios, write_mixture)
+from data_prep.mixture import TABLE4_RATIOS, parse_ratio_overrides, read_ratio_yaml, resolve_ratios, write_mixture
 from data_prep.sft.build import build_sft_mixture, read_sources_file
 from data_prep.synthetic import generate_world
 from data_prep.writer import EncodeSettings
+from pipeline.data.mixture import load_mixture
 
 
 def test_table4_ratios_sum_to_one_and_match_the_paper():
@@ -58,3 +58,48 @@ def test_streams_draw_their_proportions_over_an_epoch(tmp_path, tiny_tokenizer_p
     total = sum(drawn.values())
     assert drawn["vqav2"] / total == pytest.approx(0.7, abs=0.02)
     assert drawn["llava150k"] / total == pytest.approx(0.3, abs=0.02)
+
+
+def test_bad_records_and_a_broken_source_never_stop_the_other_sources(tmp_path, tiny_tokenizer_path, capsys):
+    import json
+
+    from data_prep.sft.build import main as sft_main
+    from pipeline.data.format import read_manifest
+    from fixtures_data import write_image, write_json
+
+    write_image(str(tmp_path / "gqa/images/a.jpg"))
+    questions = {"1": {"imageId": "a", "question": "Is it red?", "answer": "yes"},
+                 "2\ud800": {"imageId": "a", "question": "Is it blue?", "answer": "no"},   # the writer refuses its id
+                 "3": {"imageId": "a", "question": "How many?", "answer": "1"}}
+    (tmp_path / "gqa/questions.json").write_text(json.dumps(questions))
+    write_image(str(tmp_path / "sqa/images/train/4/image.png"), fmt="PNG")
+    problems = {str(pid): {"question": f"Which one {pid}?", "choices": ["a", "b"], "answer": pid % 2, "hint": "",
+                           "image": "image.png" if pid == 4 else None, "split": "train"} for pid in range(1, 7)}
+    (tmp_path / "sources.yaml").write_text(yaml.safe_dump({
+        "gqa": {"questions": "gqa/questions.json", "images": "gqa/images"},
+        "vqav2": {"questions": "vqav2/missing_questions.json", "annotations": "sources.yaml", "images": "gqa"},
+        "scienceqa": {"problems": write_json(str(tmp_path / "sqa/problems.json"), problems),
+                      "images": "sqa/images"}}, sort_keys=False))
+    args = ["--sources", str(tmp_path / "sources.yaml"), "--out", str(tmp_path / "sft"),
+            "--tokenizer", tiny_tokenizer_path, "--model-size", "tiny", "--workers", "2"]   # a worker pool
+    with pytest.raises(SystemExit) as exit_:
+        sft_main(args)
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    summary = out[out.index("summary:"):].splitlines()
+    assert summary[1].startswith("  gqa: 2 samples") and summary[1].endswith("skipped 1 (write_error 1)")
+    assert summary[2].startswith("  vqav2: FAILED") and "missing_questions.json" in summary[2]
+    assert summary[3].startswith("  scienceqa: 6 samples") and summary[3].endswith("skipped 0")
+    assert "source vqav2: `questions`" in err and not (tmp_path / "sft/mixture.yaml").exists()
+    gqa = read_manifest(str(tmp_path / "sft/gqa"))
+    assert gqa.samples == 2 and gqa.skipped == {"write_error": 1}
+    assert "UnicodeEncodeError" in gqa.extra["skipped_examples"]["write_error"][0]
+    assert read_manifest(str(tmp_path / "sft/scienceqa")).samples == 6      # 5 of them text-only
+
+    sft_main(args + ["--only", "gqa,scienceqa"])          # the built sources are reused; the mixture is written
+    assert [n for n, _, _ in load_mixture(str(tmp_path / "sft/mixture.yaml"))] == ["gqa", "scienceqa"]
+    assert "already built" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exit_:
+        sft_main(args + ["--only", "nope"])
+    assert exit_.value.code == 2

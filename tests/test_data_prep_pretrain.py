@@ -130,6 +130,9 @@ def test_parallel_output_is_deterministic_and_resumable(tmp_path, settings):
     assert os.path.getmtime(resumed / "part-00000" / "_DONE") == finished         # finished part skipped
     assert folder_bytes(resumed) == folder_bytes(serial)                          # two workers, same bytes
     assert manifest.samples == 8 and manifest.extra["parts"] == 4
+    # running the finished job again (e.g. a re-run of a whole pipeline) merges the same index again
+    assert build_pretrain([raw], str(resumed), "kale", settings, workers=1, tars_per_part=1).samples == 8
+    assert folder_bytes(resumed) == folder_bytes(serial)
 
 
 def test_unknown_source_and_missing_input_are_clear(tmp_path, settings):

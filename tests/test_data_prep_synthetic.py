@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import os
 
-from data_prep.mixture import load_mixture
 from data_prep.pretrain import main as pretrain_main
 from data_prep.sft.build import main as sft_main
 from data_prep.synthetic import generate_world, world_texts
 from pipeline.data.format import read_manifest
+from pipeline.data.mixture import load_mixture
 
 
 def listing(folder):
@@ -40,11 +40,19 @@ def test_world_through_the_command_lines(tmp_path, tiny_tokenizer_path):
 
     sft_main(["--sources", world.sources_yaml, "--out", str(tmp_path / "sft"), "--ratio", "vsr=0.05", *common])
     streams = load_mixture(str(tmp_path / "sft/mixture.yaml"))
-    assert [name for name, _, _ in streams] == ["vqav2", "aokvqa", "llava150k", "vsr", "refcoco"]
+    assert [name for name, _, _ in streams] == ["vqav2", "aokvqa", "llava150k", "vsr", "refcoco", "scienceqa", "vg"]
+    regions = json.load(open(os.path.join(world.root, "vg/region_descriptions.json")))
+    problems = json.load(open(os.path.join(world.root, "scienceqa/problems.json")))
+    expected_skips = {"vqav2": {"missing_image": 1},                       # the question whose image is absent
+                      "vg": {"corrupt_image": len(regions[-1]["regions"])}}   # the regions of the cut image
     for name, local, _ in streams:
         manifest = read_manifest(local)
-        assert manifest.samples > 0 and not manifest.skipped, (name, manifest)
+        assert manifest.samples > 0 and manifest.skipped == expected_skips.get(name, {}), (name, manifest)
         assert manifest.license
+    train = [p for p in problems.values() if p["split"] == "train"]
+    assert read_manifest(str(tmp_path / "sft/scienceqa")).samples == len(train)          # every train problem
+    assert sum(p["image"] is None for p in train) > len(train) / 2                       # most of them text-only
+    assert read_manifest(str(tmp_path / "sft/vg")).samples == sum(len(r["regions"]) for r in regions[:-1])
 
 
 def test_cv_bench_set_asks_what_the_sft_set_teaches(tmp_path):

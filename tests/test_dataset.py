@@ -5,12 +5,13 @@ import gc
 import io
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 from streaming import MDSWriter
 
 from pipeline import chat
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, DataPhase, DatasetSource, load_config
 from pipeline.data.dataset import build_dataloader, resolve_sources
 from pipeline.data.format import MDS_COLUMNS, Manifest, join_images
 from pipeline.model.sizes import get_model_size
@@ -47,10 +48,10 @@ def datasets(tmp_path_factory, tiny_tokenizer):
             "bad": write_dataset(root / "bad", tiny_tokenizer, "gamma", 8, unreadable={1}, extra_image={5})}
 
 
-def config_for(*sources, collate="pad", seed=17, micro=4):
+def config_for(*sources, collate="pad", seed=17, micro=4, extra=()):
     spec = ", ".join(f"{{path: {path}, proportion: {p}}}" for path, p in sources)
     return load_config("tiny_pt", [f"data.datasets=[{spec}]", f"data.collate={collate}",
-                                   f"data.shuffle_seed={seed}", f"train.micro_batch_size={micro}"])
+                                   f"data.shuffle_seed={seed}", f"train.micro_batch_size={micro}", *extra])
 
 
 def epoch(loader):
@@ -58,12 +59,16 @@ def epoch(loader):
 
 
 def test_batches_are_decoded_and_collated(datasets, tiny_tokenizer):
-    loader = build_dataloader(config_for((datasets["a"], 1), collate="pack"), tiny_tokenizer)
+    config = config_for((datasets["a"], 1), collate="pack", extra=["train.precision=bf16", "data.pack_tokens=96",
+                                                                    "data.max_length=48"])
+    loader = build_dataloader(config, tiny_tokenizer)
+    assert loader.pin_memory == torch.cuda.is_available()     # pinned host batches wherever a GPU copies them
     batches = epoch(loader)
     assert sum(b["num_samples"] for b in batches) == 24
     for b in batches:
         n_img = b["pixel_values"].shape[0]
-        assert b["pixel_values"].shape[1:] == (3, TINY.image_size, TINY.image_size)
+        assert b["input_ids"].shape[1] == 96                  # one static width: data.pack_tokens
+        assert b["pixel_values"].dtype == torch.bfloat16       # shipped in the training dtype
         assert int((b["modality_ids"] == IMAGE).sum()) == n_img * TINY.num_visual_tokens == 4 * 4
         assert b["document_ids"] is not None and b["skipped"] == {}
     texts = {tiny_tokenizer.decode(row[row != tiny_tokenizer.pad_token_id]) for b in batches for row in b["input_ids"]}
@@ -128,8 +133,11 @@ def test_manifest_must_match_the_model(datasets, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"N=4 visual tokens .* model uses N=8"):
         build_dataloader(other, tiny_tokenizer)
     from pipeline.data.dataset import build_dataset
-    with pytest.raises(ValueError, match="was tokenized with tokenizer .* rebuild it"):
+    with pytest.raises(ValueError, match="was tokenized with tokenizer .* rebuild it with data_prep/.*--tokenizer"):
         build_dataset(config, "0123456789abcdef")
+    phi3 = load_config("tiny_pt", [f"data.datasets=[{{path: {datasets['a']}}}]", "model.text_layout=phi3_chat"])
+    with pytest.raises(ValueError, match="holds text in layout 'released' .* --text-layout phi3_chat"):
+        build_dataset(phi3, tokenizer_fingerprint(tiny_tokenizer))
     with pytest.raises(FileNotFoundError, match="manifest.json not found"):
         build_dataset(config_for((tmp_path, 1)), tokenizer_fingerprint(tiny_tokenizer))
 
@@ -145,3 +153,77 @@ def test_mixture_file_is_read_with_relative_folders(datasets, tmp_path):
     mixture.write_text("streams: [{name: x, local: y}]")
     with pytest.raises(ConfigError, match="cannot read .*mixture.yaml"):
         resolve_sources(load_config("tiny_pt", [f"data.mixture={mixture}"]).data)
+
+
+def test_image_columns_round_trip_empty_and_older_array_columns():
+    import numpy as np
+
+    from pipeline.data.format import split_images
+
+    blob, lengths = join_images([b"ab", b"cde"])
+    assert split_images(blob, lengths) == [b"ab", b"cde"]
+    assert join_images([]) == (b"", b"") and split_images(b"", b"") == []          # a text-only sample
+    assert split_images(b"abcde", np.array([2, 3], np.int32)) == [b"ab", b"cde"]     # folders written as ndarray
+    with pytest.raises(ValueError, match="not a whole number of int32"):
+        split_images(blob, lengths[:-1])
+
+
+def captions(batches, tokenizer) -> list[str]:
+    """The caption of every sample in ``batches`` (one per packed document or padded row)."""
+    out = []
+    for b in batches:
+        for row, docs in zip(b["input_ids"], b["document_ids"] if b["document_ids"] is not None else b["input_ids"]):
+            for d in sorted(set(docs.tolist()) - {0}) if b["document_ids"] is not None else [None]:
+                ids = row[docs == d] if d is not None else row[row != tokenizer.pad_token_id]
+                out.append(tokenizer.decode(ids[ids != tokenizer.pad_token_id], skip_special_tokens=True).strip())
+    return out
+
+
+def test_a_limited_stream_reads_the_same_seeded_samples_in_every_epoch_and_both_dot_orders(datasets, tiny_tokenizer):
+    from pipeline.data.phases import PhasedLoader
+
+    # 2 micro-batches of 4 samples per step, 2 steps per DOT order = 2 epochs of the 8-sample subset per order
+    config = config_for((datasets["a"], 1), micro=4)
+    config.data.datasets[0].samples = 8
+    config.data.orders, config.train.total_steps = ["ti", "it"], 4
+    started = []
+    loader = PhasedLoader(config, tiny_tokenizer, on_start=started.append)
+    seen = {step: captions(loader.micro_batches(step, 2), tiny_tokenizer) for step in range(4)}
+    loader.close()
+    assert [(s["phase"], s["order"], s["start_step"], s["epoch_samples"]) for s in started] == [
+        ("data/ti", "ti", 0, 8), ("data/it", "it", 2, 8)]
+    assert started[0]["streams"] == [{"path": str(datasets["a"]), "samples": 24, "per_epoch": 8}]
+    for step in range(4):                          # an epoch is 8 distinct samples of the 24
+        assert len(seen[step]) == len(set(seen[step])) == 8 and all(c.startswith("alpha") for c in seen[step])
+    subset = set(seen[0])
+    assert set(seen[1]) == set(seen[2]) == set(seen[3]) == subset   # the same 8, in each epoch and order
+    assert seen[2] == seen[0] and seen[3] == seen[1]                # each order reads them in the same sequence
+    other_seed = config_for((datasets["a"], 1), micro=4, seed=18)
+    other_seed.data.datasets[0].samples = 8
+    loader = PhasedLoader(other_seed, tiny_tokenizer)
+    assert set(captions(loader.micro_batches(0, 2), tiny_tokenizer)) != subset
+    loader.close()
+
+
+def test_phased_loader_resumes_inside_the_second_phase_at_the_exact_sample(datasets, tiny_tokenizer):
+    from pipeline.data.phases import PhasedLoader
+
+    config = config_for((datasets["a"], 1), micro=4)
+    config.data.datasets = None
+    config.data.phases = [DataPhase("alpha", 0, datasets=[DatasetSource(str(datasets["a"]))]),
+                          DataPhase("beta", 2, datasets=[DatasetSource(str(datasets["b"]), samples=12)])]
+    config.train.total_steps = 6
+    loader = PhasedLoader(config, tiny_tokenizer)
+    first = {step: captions(loader.micro_batches(step, 1), tiny_tokenizer) for step in range(4)}
+    state = loader.state_dict()
+    rest = [captions(loader.micro_batches(step, 1), tiny_tokenizer) for step in (4, 5)]
+    loader.close()
+    assert all(c.startswith("alpha") for s in (0, 1) for c in first[s])
+    assert all(c.startswith("beta") for batch in (first[2], first[3], *rest) for c in batch)
+    assert state["phase"] == "beta" and state["loader"]["sample_in_epoch"] == 8
+    resumed = PhasedLoader(config, tiny_tokenizer)
+    resumed.load_state_dict(state, 4)
+    assert [captions(resumed.micro_batches(step, 1), tiny_tokenizer) for step in (4, 5)] == rest
+    # 12 of beta's 24 samples per epoch: step 4 ends the first epoch, step 5 starts the second
+    assert len(set(first[2] + first[3] + rest[0])) == 12
+    resumed.close()

@@ -7,8 +7,8 @@ import torch
 
 from pipeline import chat
 from pipeline.data.collate import collate
-from pipeline.data.dot import (DotSchedule, build_dot_schedule, prompt_suffix_tokens, reorder_sample,
-                               to_text_first)
+from pipeline.data.dot import (TI_PT_IMAGE, DotSchedule, caption_end_tokens, prompt_suffix_tokens,
+                               reorder_sample, to_text_first)
 from pipeline.model.aki import target_positions
 from pipeline.model.tokenizer import ASSISTANT_TAG, END_OF_CHUNK, END_TAG, IMAGE_TOKEN, USER_TAG
 from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
@@ -35,9 +35,15 @@ def test_sft_image_moves_after_the_question_before_the_turn_end(tiny_tokenizer):
     assert (new_mods[img[-1] + 1:] != IMAGE).all() and np.flatnonzero(new_mods == TEXT_TARGET).min() > img[-1]
 
 
-def test_pt_image_moves_after_the_caption(tiny_tokenizer):
+def test_pt_image_moves_after_the_caption_before_its_end_or_last(tiny_tokenizer):
     ids, mods = encode(tiny_tokenizer, chat.pretrain_segments("a red circle"))
-    new_ids, new_mods = reorder_sample(ids, mods, prompt_suffix_tokens(tiny_tokenizer))
+    tail = prompt_suffix_tokens(tiny_tokenizer)
+    end = caption_end_tokens(tiny_tokenizer)          # <|endofchunk|> and EOS
+    assert end == len(tiny_tokenizer.encode(f"{END_OF_CHUNK}{EOS}", add_special_tokens=False))
+    new_ids, new_mods = reorder_sample(ids, mods, tail, TI_PT_IMAGE["before_end"](tiny_tokenizer, "released"))
+    assert tiny_tokenizer.decode(new_ids) == f"<s>a red circle{IMAGE_TOKEN * N}{END_OF_CHUNK}{EOS}"
+    assert new_mods.tolist() == [TEXT_INPUT] + [TEXT_TARGET] * (len(ids) - 1 - N - end) + [IMAGE] * N + [TEXT_TARGET] * end
+    new_ids, new_mods = reorder_sample(ids, mods, tail, TI_PT_IMAGE["last"](tiny_tokenizer, "released"))
     assert tiny_tokenizer.decode(new_ids) == f"<s>a red circle{END_OF_CHUNK}{EOS}{IMAGE_TOKEN * N}"
     assert new_mods.tolist() == [TEXT_INPUT] + [TEXT_TARGET] * (len(ids) - 1 - N) + [IMAGE] * N
 
@@ -97,13 +103,42 @@ def test_schedule_trains_text_first_then_image_first():
     assert [DotSchedule(["ti"], 4).order_for_step(s) for s in range(4)] == ["ti"] * 4
 
 
-def test_schedule_apply_reorders_only_in_text_first_steps(tiny_tokenizer):
-    ids, mods = encode(tiny_tokenizer, chat.pretrain_segments("a red circle"))
-    batch = collate([{"input_ids": ids.astype(np.int64), "modality_ids": mods.astype(np.int64),
-                      "pixel_values": torch.zeros(1, 3, 2, 2)}], "pad", pad_id=0)
-    dot = build_dot_schedule(["ti", "it"], 4, tiny_tokenizer)
-    assert dot.apply(batch, 0)["modality_ids"][0, -1] == IMAGE
-    assert dot.apply(batch, 3) is batch
+@pytest.mark.parametrize("stage, order, ti_pt_image, connector_learns", [
+    ("pt", "it", "before_end", True), ("pt", "ti", "before_end", True), ("pt", "ti", "last", False),
+    ("sft", "it", "before_end", True), ("sft", "ti", "before_end", True)])
+def test_each_order_predicts_the_same_tokens_and_trains_the_stated_modules(
+        tiny_model_factory, tiny_size, tiny_tokenizer, stage, order, ti_pt_image, connector_learns):
+    n = tiny_size.num_visual_tokens
+    segments = chat.pretrain_segments("a red circle") if stage == "pt" else \
+        chat.chat_segments([("What color is the circle?", "red")])
+    enc = chat.encode(tiny_tokenizer, segments, n)
+    batch = collate([{"input_ids": enc.input_ids.astype(np.int64), "modality_ids": enc.modality_ids.astype(np.int64),
+                      "pixel_values": torch.rand(1, 3, tiny_size.image_size, tiny_size.image_size)}], "pad", pad_id=0)
+    if order == "ti":
+        batch = to_text_first(batch, prompt_suffix_tokens(tiny_tokenizer), TI_PT_IMAGE[ti_pt_image](tiny_tokenizer, "released"))
+    predicted = target_positions(batch["modality_ids"])
+    want = enc.input_ids[enc.modality_ids == TEXT_TARGET].tolist()     # the stored caption / answer tokens
+    assert batch["input_ids"][predicted].tolist() == want
+    model = tiny_model_factory("causal").train()
+    inputs = {k: batch[k] for k in ("input_ids", "modality_ids", "pixel_values")}
+    model(**inputs, return_logits=False).loss_sum.backward()
+
+    def learns(module):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    assert learns(model.llm) and not learns(model.vision)
+    assert learns(model.resampler) == learns(model.projection) == connector_learns
+
+
+def test_dot_orders_are_phases_that_split_the_steps(tiny_tokenizer):
+    from pipeline.config import load_config
+    from pipeline.data.phases import plan_phases
+
+    phases = plan_phases(load_config("tiny_pt", ["data.datasets=[{path: d}]", "data.orders=[ti, it]",
+                                                 "train.total_steps=6"]))
+    assert [(p.name, p.order, p.start_step, p.end_step) for p in phases] == [("data/ti", "ti", 0, 3),
+                                                                             ("data/it", "it", 3, 6)]
+    assert phases[0].data == phases[1].data
 
 
 def test_schedule_refuses_bad_orders():

@@ -8,27 +8,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from pipeline.eval import cv_bench, pope
 from test_eval_readers import CV_BENCH_ROWS, write_cv_bench, write_pope
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory, tiny_tokenizer):
-    from pipeline.model.aki import AKIModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("export") / "tiny_mma"
-    model = AKIModel("tiny", tokenizer=tiny_tokenizer, attention_mode="mma")
-    with torch.no_grad():   # a wide random init: answers differ from prompt to prompt
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(folder)
-    return str(folder)
 
 
 def _read_jsonl(path):
@@ -63,8 +47,9 @@ def test_pope_cli_writes_scores_per_split(tmp_path, tiny_export):
                       "--device", "cpu"]) == 0
     with open(os.path.join(out, "scores.json")) as f:
         scores = json.load(f)
-    assert set(scores) == {"random", "popular", "skipped"}
+    assert set(scores) == {"random", "popular", "mean", "skipped"}
     assert scores["random"]["n"] == 4
+    assert scores["mean"]["f1"] == pytest.approx((scores["random"]["f1"] + scores["popular"]["f1"]) / 2)
     assert len(_read_jsonl(os.path.join(out, "predictions.jsonl"))) == 8
 
 

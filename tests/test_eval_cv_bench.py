@@ -50,10 +50,27 @@ def test_pope_scoring_per_split(tmp_path):
             "yes", "Yes, there is.", "There is a car", "Nope"]   # adversarial: TP FP (unanswered) TN
     outputs = {i.key: o for i, o in zip(items, outs)}
     records, scores = pope.score_outputs(items, outputs)
-    assert set(scores) == {"random", "adversarial"}
+    assert set(scores) == {"random", "adversarial", "mean"}
     r, a = scores["random"], scores["adversarial"]
+    assert scores["mean"]["f1"] == pytest.approx((r["f1"] + a["f1"]) / 2)
     assert (r["accuracy"], r["precision"], r["recall"], r["yes_ratio"]) == (0.75, 1.0, 0.5, 0.25)
     assert r["f1"] == pytest.approx(2 / 3)
     assert (a["accuracy"], a["precision"], a["recall"], a["unanswered"]) == (0.5, 0.5, 0.5, 1)
     assert pope.prompt(items[0]).turns == (
         ("Answer the question using a single word or phrase. Is there a snowboard in the image?", None),)
+
+
+def test_the_runtime_never_imports_data_prep():
+    """Inference templates live in pipeline/ (pipeline.templates); data prep imports them, not the reverse."""
+    import ast
+    from pathlib import Path
+
+    import pipeline
+
+    offenders = []
+    for path in Path(pipeline.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "data_prep"]
+    assert offenders == []

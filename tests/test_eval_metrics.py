@@ -66,3 +66,48 @@ def test_pope_all_no_predictions_have_zero_precision_not_a_crash():
 def test_pope_bad_labels_are_refused():
     with pytest.raises(ValueError, match="'maybe'"):
         binary_scores(["yes"], ["maybe"])
+
+
+def test_pope_mean_f1_over_splits_from_a_prediction_file_by_hand():
+    from pipeline.eval import pope
+    from pipeline.eval.readers import PopeItem
+
+    # (split, label, model output): random TP TP FP TN -> P 2/3 R 1 F1 0.8; popular TP FN TN TN -> P 1
+    # R 1/2 F1 2/3; adversarial FP FP TP "maybe"(label yes: FN) -> P 1/3 R 1/2 F1 0.4.
+    rows = [("random", "yes", "Yes."), ("random", "yes", "yes"), ("random", "no", "Yes, there is"),
+            ("random", "no", "No"), ("popular", "yes", "yes"), ("popular", "yes", "no"),
+            ("popular", "no", "There is no cat."), ("popular", "no", "no"), ("adversarial", "no", "yes"),
+            ("adversarial", "no", "yes"), ("adversarial", "yes", "yes"), ("adversarial", "yes", "maybe")]
+    items = [PopeItem(split, i, "Is there a cat in the image?", label, "x.jpg")
+             for i, (split, label, _) in enumerate(rows)]
+    _, scores = pope.score_outputs(items, {it.key: out for it, (_, _, out) in zip(items, rows)})
+    assert scores["random"]["f1"] == pytest.approx(0.8)
+    assert scores["popular"]["f1"] == pytest.approx(2 / 3)
+    assert scores["adversarial"]["f1"] == pytest.approx(0.4)
+    assert scores["mean"]["f1"] == pytest.approx((0.8 + 2 / 3 + 0.4) / 3)      # the paper's POPE figure
+    assert scores["mean"]["accuracy"] == pytest.approx((3 / 4 + 3 / 4 + 1 / 4) / 3)
+    assert scores["mean"]["n"] == 12
+
+
+def test_cv_bench_strict_counts_only_a_bare_letter_lenient_reads_more():
+    from pipeline.eval import cv_bench
+    from pipeline.eval.readers import CVBenchItem
+
+    # (source, answer, output, strict correct, lenient correct)
+    rows = [("ADE20K", "B", "B", True, True), ("ADE20K", "A", "(A)", True, True),
+            ("ADE20K", "B", "The answer is B", False, True), ("COCO", "A", "A.", True, True),
+            ("COCO", "B", "two", False, True), ("Omni3D", "A", "lamp", False, True),
+            ("Omni3D", "B", "A", False, False), ("Omni3D", "A", "A lamp", False, True)]
+    choices = {"ADE20K": ["3", "2"], "COCO": ["1", "two"], "Omni3D": ["lamp", "sofa"]}
+    items = [CVBenchItem(i, "3D" if src == "Omni3D" else "2D", "Count", "Q?", choices[src], ans, src)
+             for i, (src, ans, *_rest) in enumerate(rows)]
+    records, scores = cv_bench.score_outputs(items, {it.key: r[2] for it, r in zip(items, rows)})
+    assert [r["strict_correct"] for r in records] == [r[3] for r in rows]
+    assert [r["correct"] for r in records] == [r[4] for r in rows]
+    strict = scores["strict"]
+    # strict: ADE20K 2/3, COCO 1/2 -> 2D (2/3 + 1/2) / 2 = 7/12; Omni3D 0/3
+    assert strict["2D"] == pytest.approx(7 / 12) and strict["3D"] == 0.0
+    assert strict["overall"] == pytest.approx(7 / 24)
+    # lenient: ADE20K 3/3, COCO 2/2 -> 2D 1.0; Omni3D 2/3
+    assert scores["2D"] == 1.0 and scores["3D"] == pytest.approx(2 / 3)
+    assert "strict" in strict["scoring"] and "lenient" in scores["scoring"]

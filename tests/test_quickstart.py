@@ -1,7 +1,7 @@
 """The quickstart learns: half its plan (world → shards → PT → SFT mma/causal → CV-Bench-style eval) run
 through every step's real command line, and both finetuned models must beat chance by 8 points on the
-pooled accuracy (222 questions: one standard error of a guesser is ~3 points). The results, report and
-loss curves are written and consistent.
+pooled accuracy (222 questions: one standard error of a guesser is ~3 points). The results, report,
+loss curves, mask pictures and attention-share plot are written and consistent.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from pipeline.eval.report import read_loss_curve
 from pipeline.quickstart import below_margin
@@ -45,6 +46,21 @@ def test_half_quickstart_beats_chance_and_writes_its_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "| SFT mma |" in report and "| SFT causal |" in report and "chance" in report
     assert "SFT mma" in proc.stdout                  # the table is printed
+    # The mask pictures of one SFT sample (every mode the layout allows) and the attention share, linked.
+    masks = json.loads((out / "masks" / "masks.json").read_text())
+    assert set(masks["pictures"]) | set(masks["skipped"]) == {"causal", "mma", "mma_general", "cca"}
+    assert {"causal", "mma", "mma_general"} <= set(masks["pictures"])
+    for name in masks["pictures"].values():
+        with Image.open(out / "masks" / name) as picture:
+            assert picture.format == "PNG"
+        assert f"](masks/{name})" in report
+    with Image.open(out / "attention" / "attention_share.png") as plot:
+        assert plot.format == "PNG"
+    assert "](attention/attention_share.png)" in report
+    shares = results["attention_share"]
+    assert len(shares["mma"]) == len(shares["causal"]) >= 1
+    assert all(s == 0 for s in shares["causal"])    # causal image tokens cannot see the question
+    assert all(s > 0 for s in shares["mma"])
 
 
 def test_the_gate_names_each_model_below_chance_plus_the_margin():

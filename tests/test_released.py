@@ -111,7 +111,6 @@ def test_phi3_chat_layout_stays_available(phi_tok):
     assert phi_tok.decode(enc.input_ids[enc.modality_ids == TEXT_TARGET]) == "a<|end|>b<|end|>"
     with pytest.raises(ValueError, match="one turn per sample"):
         chat.chat_segments([("Q1?", "a"), ("Q2?", "b")])
-    assert chat.get_layout("released").split_turns([("Q1?", "a"), ("Q2?", "b")]) == [[("Q1?", "a")], [("Q2?", "b")]]
 
 
 # ---- the aki-4b architecture ---------------------------------------------------------------------------
@@ -275,3 +274,43 @@ def test_bad_inputs_give_one_clear_error_and_write_nothing(official, converted, 
     with pytest.raises(ConvertError, match="already exists and is not empty"):
         from_official(official["aki"], tmp_path / "taken")
     assert not any(p.name.startswith((".o2", "o2", "o1", "o3")) for p in tmp_path.iterdir())
+
+
+# ---- fine-tuning through the real trainer (ZeRO-3, 2 ranks) -----------------------------------------------
+
+@pytest.mark.slow
+def test_converted_model_fine_tunes_under_zero3_and_converts_back(official, converted, phi_tok, tmp_path):
+    from safetensors.torch import load_file
+
+    from dist_utils import show, torchrun, write_dataset
+
+    data = write_dataset(tmp_path / "sft", phi_tok, "sft", 16, num_visual_tokens=N)
+    run = tmp_path / "run"
+    proc = torchrun(["pipeline.train", "--config", "tiny_sft", "--set", f"train.init_from={converted}",
+                     "--set", f"data.datasets=[{{path: {data}}}]", "--set", "train.total_steps=3",
+                     "--output-dir", str(run)], nproc=2)
+    assert proc.returncode == 0, show(proc)
+    back = to_official(run / "export", tmp_path / "back", vision_encoder_path=str(official["siglip"]),
+                       lang_model_path=str(official["phi3"]))
+    before, after = load_file(official["aki"] / "model.safetensors"), load_file(back / "model.safetensors")
+    assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision_encoder."))  # frozen
+    for trained in ("vision_tokenizer.latents", "lang_model.lm_head.bias",
+                    "lang_model.model.embed_tokens.additional_embedding.weight", "lang_model.model.norm.weight"):
+        assert not torch.equal(before[trained], after[trained]), trained
+
+
+@pytest.mark.slow
+def test_tokenizer_larger_than_the_size_trains_under_zero3(phi_tok, phi_tok_path, tmp_path):
+    """The `tiny` size (512 rows) with a 32014-token tokenizer under ZeRO-3: the table is built large enough
+    before partitioning instead of being resized afterwards."""
+    from dist_utils import show, torchrun, write_dataset
+
+    data = write_dataset(tmp_path / "pt", phi_tok, "pt", 16, num_visual_tokens=N)
+    proc = torchrun(["pipeline.train", "--config", "tiny_pt", "--set", f"model.tokenizer={phi_tok_path}",
+                     "--set", f"data.datasets=[{{path: {data}}}]", "--set", "train.total_steps=3",
+                     "--output-dir", str(tmp_path / "run")], nproc=2)
+    assert proc.returncode == 0, show(proc)
+    from pipeline.model.aki import AKIModel
+    model = AKIModel.from_pretrained(tmp_path / "run" / "export")
+    assert model.vocab_size == 32014 and model.llm.get_input_embeddings().weight.shape[0] == 32064

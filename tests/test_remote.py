@@ -3,7 +3,7 @@ reads the mixture and the manifests from it; a missing bucket or a wrong secret 
 
 Each test talks to a real S3 API: moto's standalone server on 127.0.0.1 (tests/s3_server.py), which
 checks the request signatures. Training from the bucket (cache eviction, stop and exact resume) is in
-tests/test_train.py, the two-node launch in tests/test_multinode.py.
+tests/test_train.py, the two-node launch there too.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_sft_mixture_in_a_bucket_is_read_back_by_training(tmp_path, tiny_tokeniz
     assert bucket_files(s3_env, "sft") == local_files(tmp_path / "local")
 
     data = DataConfig(mixture=url + "/mixture.yaml", cache_dir=str(tmp_path / "cache"))
-    remote = resolve_sources(data)
+    remote = resolve_sources(data, data.cache_dir)
     assert [(s.name, s.remote) for s in remote] == [("vqav2", url + "/vqav2"), ("llava150k", url + "/llava150k")]
     assert all(s.local.startswith(str(tmp_path / "cache")) for s in remote)
     check_data_access(data)

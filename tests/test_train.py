@@ -2,17 +2,24 @@
 
 Runs are shared between tests (each costs a process launch):
 
-* A  — PT, 6 steps straight, 2 ranks (probe: engine logits at the end) — the reference;
+* A  — PT, 6 steps straight, 2 ranks (probe: engine logits at the end) — the reference. Two data
+  phases: "squares" (``a {colour} square`` captions) for steps 1-3, then "colours" (``{colour}``
+  captions, a seeded subset of 8 samples: one epoch per step) from step 4, under one LR schedule;
 * B  — the same recipe, SIGTERM mid-run → checkpoint + exit 0;  C — ``--resume auto`` in B's folder
   (a damaged newer checkpoint is planted first), must reproduce A step for step;
-* F  — 1 rank resuming A's 2-rank checkpoint (universal conversion) for one step;  G — 2 ranks again
-  from F's checkpoint; both must give A's losses;
-* H  — SFT from A's export, with a non-finite loss injected on one step;
-* S  — A's recipe streamed from an S3 bucket (moto on 127.0.0.1) through a small evicting cache,
-  stopped at step 3 and resumed on an emptied cache: A's losses, data and weights, and no secret on disk.
+* F  — 1 rank resuming A's 2-rank step-2 checkpoint (universal conversion) across the phase switch to
+  step 4;  G — 2 ranks again from F's checkpoint (loader state inside phase "colours"); both must give
+  A's losses, G also A's data digests;
+* H  — SFT from A's export (a third of its samples text-only), with a non-finite loss injected on one step;
+* S  — A's recipe with both datasets in an S3 bucket (moto on 127.0.0.1), streamed through a small
+  evicting cache, stopped at step 3 and resumed on an emptied cache: A's losses, data and weights, and
+  no secret on disk;  two nodes — the same from ``slurm/pretrain.sbatch`` on two "nodes" of one rank.
+
+The datasets are written in small shards (4 KiB) so that a cache of four shards must evict.
 """
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 import subprocess
@@ -31,7 +38,9 @@ from dist_utils import REPO, probe_batch, show, torchrun, write_dataset  # noqa:
 
 pytestmark = pytest.mark.slow
 PT = ["--config", "tiny_pt", "--set", "train.total_steps=6", "--set", "train.save_every=2",
-      "--set", "train.keep_last=2", "--set", "train.log_every=1"]
+      "--set", "train.keep_last=3", "--set", "train.log_every=1"]
+SWITCH = 3          # the "colours" phase starts at optimizer step 3 (0-based): metrics step 4
+SHARD_SIZE = 1 << 12
 METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb",
                  "data_wait_share", "target_tokens", "data_digest", "skipped"}
 
@@ -42,13 +51,18 @@ def world(tmp_path_factory, tiny_tokenizer_path):
 
     root = tmp_path_factory.mktemp("train")
     tok = load_tokenizer(tiny_tokenizer_path)
-    # Small shards (16 of them), so that a cache of four shards must evict while a run streams them.
-    data = {"pt": write_dataset(root / "pt", tok, "pt", 64, shard_size=1 << 12),
-            "sft": write_dataset(root / "sft", tok, "sft", 32)}
+    data = {"pt": write_dataset(root / "pt", tok, "pt", 64, shard_size=SHARD_SIZE),
+            "colours": write_dataset(root / "colours", tok, "pt", 64, caption="{color}", shard_size=SHARD_SIZE),
+            "sft": write_dataset(root / "sft", tok, "sft", 32, text_only_every=3)}
     common = ["--set", f"model.tokenizer={tiny_tokenizer_path}"]
-    return {"root": root, "tok": tok, "pt": common + ["--set", f"data.datasets=[{{path: {data['pt']}}}]"],
-            "sft": ["--set", f"data.datasets=[{{path: {data['sft']}}}]"], "pt_folder": Path(data["pt"]),
-            "tokenizer": common}
+    return {"root": root, "tok": tok, "pt": common + ["--set", pt_phases("path", data["pt"], data["colours"])],
+            "sft": ["--set", f"data.datasets=[{{path: {data['sft']}}}]"], "folders": data, "tokenizer": common}
+
+
+def pt_phases(key: str, squares: str, colours: str) -> str:
+    """Run A's two data phases, with the datasets as local folders (``key`` path) or URLs (remote)."""
+    return (f"data.phases=[{{name: squares, datasets: [{{{key}: {squares}}}]}}, {{name: colours, start_step: "
+            f"{SWITCH}, datasets: [{{{key}: {colours}, samples: 8}}]}}]")
 
 
 def train(world, name: str, args: list[str], nproc: int = 2, probe: bool = False, env=None):
@@ -76,6 +90,11 @@ def run_a(world):
     return out
 
 
+def events(out: Path, kind: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(__import__("json").loads, lines) if r.get("event") == kind]
+
+
 def test_pt_run_learns_logs_every_metric_and_keeps_the_last_checkpoints(run_a):
     records = read_metrics(run_a)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -84,12 +103,26 @@ def test_pt_run_learns_logs_every_metric_and_keeps_the_last_checkpoints(run_a):
                and r["peak_mem_gb"] > 0 and r["grad_norm"] > 0 and not r["skipped"] for r in records)
     loss = losses(run_a)
     assert loss[6] < loss[1] - 0.3, loss
-    lrs = [r["lr"] for r in records]
-    assert lrs[2] == pytest.approx(1e-3) and lrs[-1] < lrs[3]   # warmup 2 steps, then cosine decay
-    assert [s for s, _ in ckpt.list_checkpoints(run_a)] == [4, 6]
+    assert [s for s, _ in ckpt.list_checkpoints(run_a)] == [2, 4, 6]
     assert all(ckpt.is_complete(p) for _, p in ckpt.list_checkpoints(run_a))
     run_id = ckpt.read_json(ckpt.latest_complete(run_a) / ckpt.TRAINER_STATE)["wandb_run_id"]
     assert list((run_a / "wandb").glob(f"wandb/offline-run-*-{run_id}")), "no offline wandb run with the run id"
+
+
+def test_two_data_phases_switch_at_their_step_under_one_lr_schedule(run_a, world):
+    records = read_metrics(run_a)
+    # a "colours" caption has fewer target tokens than any "squares" one: every step after the switch
+    # (8 samples each) predicts fewer tokens than every step before it
+    targets = [r["target_tokens"] for r in records]
+    assert max(targets[SWITCH:]) < min(targets[:SWITCH]), targets
+    started = events(run_a, "data_phase")
+    assert [(e["phase"], e["step"], e["end_step"], e["resumed"]) for e in started] == [
+        ("squares", 0, SWITCH, False), ("colours", SWITCH, 6, False)]
+    assert started[1]["streams"] == [{"path": started[1]["streams"][0]["path"], "samples": 64, "per_epoch": 8}]
+    # one cosine schedule over all 6 steps (warmup 2, 1e-3 -> 1e-4), no restart at the switch
+    expected = [1e-3 * s / 2 if s < 2 else 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4))
+                for s in range(6)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-6)
 
 
 def test_export_reloads_with_the_trained_engines_logits(run_a, world):
@@ -150,17 +183,24 @@ def test_sigterm_checkpoints_and_resume_auto_reproduces_the_straight_run(run_a, 
     assert digests(out) == digests(run_a)
 
 
-def test_resume_on_one_rank_and_back_on_two_gives_the_same_losses(run_a, world):
+def test_resume_on_one_rank_across_the_phase_switch_and_back_on_two_gives_the_same_run(run_a, world):
     a = losses(run_a)
-    from_a = ckpt.checkpoints_root(run_a) / ckpt.step_tag(4)
-    out_f, proc = train(world, "F", PT + world["pt"] + ["--resume", str(from_a), "--stop-at-step", "5"], nproc=1,
+    from_a = ckpt.checkpoints_root(run_a) / ckpt.step_tag(2)
+    out_f, proc = train(world, "F", PT + world["pt"] + ["--resume", str(from_a), "--stop-at-step", "4"], nproc=1,
                         env={"WANDB_MODE": "disabled"})
     assert proc.returncode == 0, show(proc)
     assert ckpt.is_complete(from_a / ckpt.UNIVERSAL)
-    assert losses(out_f) == {5: pytest.approx(a[5], rel=1e-5)}
+    assert losses(out_f) == {3: pytest.approx(a[3], rel=1e-4), 4: pytest.approx(a[4], rel=1e-4)}   # 1 rank: other
+    state = ckpt.read_json(ckpt.latest_complete(out_f) / ckpt.rank_file(0))["data"]
+    assert state["phase"] == "colours" and state["loader"]["sample_in_epoch"] == 8   # one epoch of the subset
     _, proc = train(world, "F", PT + world["pt"] + ["--resume", "auto"], nproc=2, env={"WANDB_MODE": "disabled"})
     assert proc.returncode == 0, show(proc)
-    assert losses(out_f) == {5: pytest.approx(a[5], rel=1e-5), 6: pytest.approx(a[6], rel=1e-5)}
+    # the same data at every step (digests) and, up to the 1-rank run's other summation order (amplified by
+    # Adam on the short "colours" captions), the same losses
+    assert {s: losses(out_f)[s] for s in (5, 6)} == {s: pytest.approx(a[s], rel=5e-3) for s in (5, 6)}
+    assert {s: digests(out_f)[s] for s in (5, 6)} == {s: digests(run_a)[s] for s in (5, 6)}
+    assert [(e["phase"], e["step"], e["resumed"]) for e in events(out_f, "data_phase")] == [
+        ("squares", 2, True), ("colours", SWITCH, False), ("colours", 4, True)]
 
 
 def test_sft_starts_from_the_pt_export_and_skips_a_nonfinite_step(run_a, world):
@@ -221,35 +261,43 @@ def test_a_new_run_into_a_folder_with_checkpoints_fails_before_any_distributed_w
 def test_zero2_single_process_run_exports_a_loadable_model(world):
     from pipeline.model.aki import AKIModel
 
-    args = PT + world["pt"] + ["--set", "train.total_steps=3", "--set", "train.deepspeed=ds_configs/zero2_single_gpu.json"]
+    args = PT + world["pt"] + ["--set", "train.total_steps=4", "--set", "train.deepspeed=ds_configs/zero2_single_gpu.json"]
     out, proc = train(world, "Z2", args, nproc=1, env={"WANDB_MODE": "disabled"})
     assert proc.returncode == 0, show(proc)
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     model = AKIModel.from_pretrained(out / "export")
     with torch.no_grad():
         assert torch.isfinite(model(**probe_batch(world["tok"]), return_logits=True).logits).all()
 
 
+# ---- datasets in object storage --------------------------------------------------------------------
+
 @pytest.fixture(scope="module")
-def bucket_pt(world, s3_server) -> str:
-    """The dataset of run A, in the S3 bucket; returns its URL."""
-    s3 = s3_server.client()
-    for path in sorted(world["pt_folder"].iterdir()):
-        s3.upload_file(str(path), s3_server.bucket, f"train/pt/{path.name}")
-    return s3_server.url("train", "pt")
+def bucket(world, s3_server) -> dict:
+    """Run A's two datasets uploaded to the S3 bucket: {"squares": URL, "colours": URL, "shards": [bytes]}."""
+    import json
+
+    s3, urls, shard_bytes = s3_server.client(), {}, []
+    for phase, key in (("squares", "pt"), ("colours", "colours")):
+        folder = Path(world["folders"][key])
+        for path in sorted(folder.iterdir()):
+            s3.upload_file(str(path), s3_server.bucket, f"train/{key}/{path.name}")
+        urls[phase] = s3_server.url("train", key)
+        shard_bytes += [s["raw_data"]["bytes"] for s in json.loads((folder / "index.json").read_text())["shards"]]
+    return {**urls, "shards": shard_bytes}
+
+
+def remote_args(world, bucket) -> list[str]:
+    return PT + world["tokenizer"] + ["--set", pt_phases("remote", bucket["squares"], bucket["colours"])]
 
 
 def test_training_streams_from_a_bucket_through_an_evicting_cache_and_resumes_exactly(run_a, world, s3_server,
-                                                                                       bucket_pt):
-    import json
-
-    shards = json.loads((world["pt_folder"] / "index.json").read_text())["shards"]
-    shard_bytes = [s["raw_data"]["bytes"] for s in shards]
+                                                                                       bucket):
+    shard_bytes = bucket["shards"]
     limit = 4 * max(shard_bytes)                                 # streaming's smallest allowed cache
-    assert len(shards) >= 8 and limit < sum(shard_bytes)
+    assert len(shard_bytes) >= 8 and limit < sum(shard_bytes)
     cache = world["root"] / "S-cache"
-    args = PT + world["tokenizer"] + ["--set", f"data.datasets=[{{remote: {bucket_pt}}}]",
-                                      "--set", f"data.cache_dir={cache}", "--set", f"data.cache_limit={limit}b"]
+    args = remote_args(world, bucket) + ["--set", f"data.cache_dir={cache}", "--set", f"data.cache_limit={limit}b"]
     env = {**s3_server.env(), "WANDB_MODE": "offline"}
     out, first = train(world, "S", args + ["--stop-at-step", "3"], env=env)
     assert first.returncode == 0, show(first)
@@ -262,17 +310,16 @@ def test_training_streams_from_a_bucket_through_an_evicting_cache_and_resumes_ex
     assert losses(out) == pytest.approx(losses(run_a), rel=1e-6, abs=1e-6)
     assert (out / "export" / "model.safetensors").read_bytes() == (run_a / "export" / "model.safetensors").read_bytes()
     cached = [p.stat().st_size for p in cache.rglob("shard.*.mds")]
-    assert 0 < sum(cached) <= limit and len(cached) < len(shards), "the cache was not bounded by evicting"
+    assert 0 < sum(cached) <= limit and len(cached) < len(shard_bytes), "the cache was not bounded by evicting"
     secret = s3_server.secret_key.encode()
     leaked = [p for p in out.rglob("*") if p.is_file() and secret in p.read_bytes()]
     assert not leaked and secret.decode() not in first.stdout + first.stderr + second.stdout + second.stderr, leaked
 
 
-def test_a_wrong_secret_is_one_clear_error_before_any_distributed_work(world, s3_server, tmp_path):
+def test_a_wrong_secret_is_one_clear_error_before_any_distributed_work(world, s3_server, bucket, tmp_path):
     import os
 
-    args = PT + world["tokenizer"] + ["--set", f"data.datasets=[{{remote: {s3_server.url('train', 'pt')}}}]",
-                                      "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    args = remote_args(world, bucket) + ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args, "--output-dir", str(tmp_path / "run")],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **s3_server.env(secret_key="wrong-secret"), "DS_ACCELERATOR": "cpu"})
@@ -289,7 +336,7 @@ def _steps_logged(out: Path) -> int:
         return 0
 
 
-def test_two_nodes_train_like_one_and_survive_usr1_save_requeue_resume(run_a, world, s3_server, bucket_pt, tmp_path):
+def test_two_nodes_train_like_one_and_survive_usr1_save_requeue_resume(run_a, world, s3_server, bucket, tmp_path):
     """slurm/pretrain.sbatch on 2 nodes x 1 CPU rank, through tests/fake_slurm.py as srun and scontrol
     (slurm/README.md says why not two slurmd): c10d rendezvous on the first node, a cache per node."""
     import os
@@ -306,8 +353,8 @@ def test_two_nodes_train_like_one_and_survive_usr1_save_requeue_resume(run_a, wo
            "SLURM_JOB_NODELIST": "node[0-1]", "RDZV_PORT": str(free_port()), "AKI_ROOT": str(REPO),
            "AKI_PYTHON": sys.executable, "RECIPE": "tiny_pt", "OUTPUT_DIR": str(run_dir), "CPU_PROCS_PER_NODE": "1",
            "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = ["bash", str(REPO / "slurm" / "pretrain.sbatch"), *PT[2:], *world["tokenizer"],
-           "--set", f"data.datasets=[{{remote: {bucket_pt}}}]", "--set", "data.num_canonical_nodes=1"]
+    cmd = ["bash", str(REPO / "slurm" / "pretrain.sbatch"), *remote_args(world, bucket)[2:],
+           "--set", "data.num_canonical_nodes=1"]
     log = tmp_path / "job.out"
     with open(log, "wb") as out:
         job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -15,6 +15,18 @@ the source's ``files``; relative paths are relative to the sources file)::
 A finished source folder (done marker) is skipped on a re-run unless ``overwrite`` is set. The output may
 be ``s3://bucket/prefix``: each source is written to a local staging folder and uploaded by MDS as it
 goes; ``mixture.yaml`` is uploaded beside the sources last.
+
+Errors: a record that cannot be converted or written is skipped and counted in the source's
+``manifest.json`` under its reason (``skipped``), with the first few record ids in
+``extra.skipped_examples``; the build goes on. A problem that makes a whole source unusable (a missing
+file, a file in the wrong format) stops that source with a message naming the source and its files;
+the other sources are still built, but ``mixture.yaml`` is not written. The run ends with one summary
+line per source (samples written, records skipped by reason, or why it failed).
+
+Exit codes of ``data_prep/build_sft_mixture.py``: 0 — every source built and ``mixture.yaml`` written
+(skipped records are listed in the summary); 1 — at least one source could not be built (fix it and
+re-run: finished sources are reused), or the bucket of an ``s3://`` output cannot be used; 2 — bad
+command line or sources file.
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import sys
 from typing import Mapping
 
 import yaml
@@ -78,6 +91,38 @@ def build_source(name: str, paths: Mapping[str, str], out_dir: str, settings: En
     return manifest
 
 
+class SourceFailed(RuntimeError):
+    """Sources that could not be built at all: ``failures`` maps each name to why."""
+
+    def __init__(self, failures: Mapping[str, str]):
+        self.failures = dict(failures)
+        super().__init__("could not build " + "; ".join(f"{n}: {why}" for n, why in failures.items())
+                         + " — fix these and re-run (finished sources are reused); mixture.yaml not written")
+
+
+def summary_line(name: str, manifest: Manifest | None, failure: str = "") -> str:
+    """``name: N samples, T tokens; skipped K (reason n, …)``, or why the source failed."""
+    if manifest is None:
+        return f"{name}: FAILED — {failure}"
+    total = sum(manifest.skipped.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skipped.items()))
+    return (f"{name}: {manifest.samples} samples, {manifest.tokens} tokens; skipped {total}"
+            + (f" ({reasons})" if reasons else ""))
+
+
+def _build_or_reuse(name: str, paths: Mapping[str, str], local_dir: str, remote_dir: str | None,
+                    settings: EncodeSettings, options: SftOptions, workers: int, overwrite: bool) -> Manifest:
+    """The manifest of source ``name``: built (and uploaded to ``remote_dir``), or reused when finished."""
+    folder = storage.join(remote_dir or local_dir, name)
+    if is_done(folder) and not overwrite:
+        part_staging = os.path.join(local_dir, name)
+        check_reusable(folder, cached_converter(settings).new_manifest(name, "", options=dataclasses.asdict(options)),
+                       part_staging)
+        print(f"{name}: already built in {folder}; skipping (pass --overwrite to rebuild)")
+        return read_manifest(fetch_folder_file(folder, MANIFEST_NAME, part_staging))
+    return build_source(name, paths, local_dir, settings, options, workers, remote_dir=remote_dir)
+
+
 def build_sft_mixture(sources: Mapping[str, Mapping[str, str]], out_dir: str, settings: EncodeSettings,
                       options: SftOptions = SftOptions(), ratios: Mapping[str, float] = {},
                       workers: int = 1, overwrite: bool = False, staging: str | None = None) -> str:
@@ -85,6 +130,8 @@ def build_sft_mixture(sources: Mapping[str, Mapping[str, str]], out_dir: str, se
 
     ``out_dir`` may be an ``s3://`` URL; ``staging`` is then the local folder written before the upload
     (default: :func:`pipeline.data.remote.staging_folder`). Returns where ``mixture.yaml`` was written.
+    A source that cannot be built does not stop the others; :class:`SourceFailed` is raised at the
+    end (after the summary) and ``mixture.yaml`` is not written.
     """
     if not sources:
         raise ValueError("no SFT sources given; list them in the sources file (see data_prep/sft/build.py)")
@@ -94,21 +141,27 @@ def build_sft_mixture(sources: Mapping[str, Mapping[str, str]], out_dir: str, se
         storage.check_bucket(remote_dir)
     local_dir = (staging or storage.staging_folder(remote_dir)) if remote_dir else out_dir
     os.makedirs(local_dir, exist_ok=True)
-    samples = {}
+    manifests: dict[str, Manifest] = {}
+    failures: dict[str, str] = {}
     for name, paths in sources.items():
-        folder = storage.join(out_dir, name)
-        if is_done(folder) and not overwrite:
-            part_staging = os.path.join(local_dir, name)
-            check_reusable(folder, cached_converter(settings).new_manifest(
-                name, "", options=dataclasses.asdict(options)), part_staging)
-            print(f"{name}: already built in {folder}; skipping (pass --overwrite to rebuild)")
-            manifest = read_manifest(fetch_folder_file(folder, MANIFEST_NAME, part_staging))
-        else:
-            manifest = build_source(name, paths, local_dir, settings, options, workers, remote_dir=remote_dir)
-        samples[name] = manifest.samples
-        skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skipped.items())) or "none"
-        print(f"{name}: {manifest.samples} samples, {manifest.tokens} tokens; skipped: {skipped}")
-    path = write_mixture(local_dir, resolved, samples)
+        try:
+            manifest = _build_or_reuse(name, paths, local_dir, remote_dir, settings, options, workers, overwrite)
+        except Exception as err:  # noqa: BLE001  (a whole-source problem; the other sources go on)
+            files = ", ".join(f"{k}={v}" for k, v in paths.items())
+            failures[name] = f"{type(err).__name__}: {err} (files: {files})"
+            print(f"{name}: cannot be built: {failures[name]}", file=sys.stderr)
+            continue
+        if manifest.samples == 0:
+            failures[name] = (f"no samples written (split {options.split!r}; skipped: {manifest.skipped or 'none'}); "
+                              f"check the files and --split")
+        manifests[name] = manifest
+        print(summary_line(name, manifest))
+    print("summary:")
+    for name in sources:
+        print("  " + summary_line(name, None if name in failures else manifests[name], failures.get(name, "")))
+    if failures:
+        raise SourceFailed(failures)
+    path = write_mixture(local_dir, resolved, {n: m.samples for n, m in manifests.items()})
     if remote_dir:
         path = storage.join(remote_dir, MIXTURE_FILE)
         storage.upload(os.path.join(local_dir, MIXTURE_FILE), path)
@@ -139,21 +192,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="rebuild sources that are already finished")
     add_encode_args(parser, default_max_text_tokens=512)
     args = parser.parse_args(argv)
-    sources = read_sources_file(args.sources)
-    if args.only:
-        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-        missing = sorted(set(wanted) - set(sources))
-        if missing:
-            raise SystemExit(f"--only names {missing} that are not in {args.sources}")
-        sources = {n: sources[n] for n in wanted}
-    ratios = {**(read_ratio_yaml(args.ratios_yaml) if args.ratios_yaml else {}), **parse_ratio_overrides(args.ratio)}
+    try:
+        sources = read_sources_file(args.sources)
+        if args.only:
+            wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+            missing = sorted(set(wanted) - set(sources))
+            if missing:
+                raise ValueError(f"--only names {missing} that are not in {args.sources}")
+            sources = {n: sources[n] for n in wanted}
+        ratios = {**(read_ratio_yaml(args.ratios_yaml) if args.ratios_yaml else {}),
+                  **parse_ratio_overrides(args.ratio)}
+        resolve_ratios(list(sources), ratios)
+        settings = settings_from_args(args)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        parser.error(str(err))                                     # exit code 2
     options = SftOptions(args.shuffle_options, args.seed, args.whole_conversations, args.split)
     if args.whole_conversations and get_layout(args.text_layout).single_turn:
-        raise SystemExit(f"--whole-conversations needs a multi-turn text layout, but --text-layout "
-                         f"{args.text_layout} holds one turn per sample; drop the flag or pass --text-layout phi3_chat")
+        parser.error(f"--whole-conversations needs a multi-turn text layout, but --text-layout {args.text_layout} "
+                     "holds one turn per sample; drop the flag or pass --text-layout phi3_chat")
     try:
-        path = build_sft_mixture(sources, args.out, settings_from_args(args), options, ratios, args.workers,
-                                 args.overwrite, args.staging)
+        path = build_sft_mixture(sources, args.out, settings, options, ratios, args.workers, args.overwrite,
+                                 args.staging)
     except storage.RemoteError as err:          # bucket missing, credentials wrong: no traceback
-        raise SystemExit(f"error: {err}") from None
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except SourceFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"wrote {path}")

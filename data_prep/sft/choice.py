@@ -12,7 +12,8 @@ from typing import Any, Iterable, Iterator
 
 from data_prep.records import Parsed
 from data_prep.sft.common import (Paths, SftOptions, SftSource, first_existing, json_list_records, lettered_options,
-                                  load_json, sft_sample, task_input, text)
+                                  load_json, sft_sample, text)
+from pipeline.templates import task_input
 
 
 # --- A-OKVQA: a JSON list; images in COCO {split}2017/ -------------------------------------------------

@@ -1,14 +1,16 @@
 """What every SFT parser shares: the task inputs of paper Table 5, options, boxes, the source type.
 
-The chat wrapper (system message, role tags, ``<image>`` slots) comes from :mod:`pipeline.chat`; only
-the per-task *input* text is written here, once, in :data:`TASK_INPUTS`.
+The chat wrapper (system message, role tags, ``<image>`` slots) comes from :mod:`pipeline.chat` and the
+per-task *input* text (paper Table 5) and option format from :mod:`pipeline.templates`, which inference
+shares.
 
 A source is an :class:`SftSource`: the files it reads (``files``: key → what the file is), a function
 ``records(paths)`` that loads the original files and yields ``(record_id, raw_record)``, and a function
 ``samples(record_id, raw, paths, options)`` that turns one raw record into samples. A raw record whose
 conversion raises ``KeyError`` / ``TypeError`` / ``ValueError`` / ``IndexError`` / ``AttributeError`` is
-counted as ``malformed_record``; a file that cannot be read at all, or an option the files cannot
-satisfy (``RuntimeError``), stops the job with an error naming it.
+counted as ``malformed_record``; a missing file, a file that cannot be read at all, or an option the
+files cannot satisfy (``RuntimeError``) makes the whole source unusable: its build stops with an error
+naming the source and the file (see :mod:`data_prep.sft.build`).
 """
 from __future__ import annotations
 
@@ -20,19 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from data_prep.records import EMPTY_TEXT, MALFORMED_RECORD, ImageRef, Parsed, Sample, Skip
 from pipeline.chat import Chat
+from pipeline.templates import LETTERS, format_options
 
-# Paper Table 5: the user input of each task (the answer is the assistant turn).
-TASK_INPUTS: dict[str, str] = {
-    "short_answer": "Answer the question using a single word or phrase. {question}",
-    "yes_no": "Answer the question using a single word or phrase. {question} Please answer yes or no.",
-    "multiple_choice": ("Answer with the option's letter from the given choices directly. {question}\n"
-                        "Options:\n{options}\n"),
-    "multiple_choice_context": ("Answer with the option's letter from the given choices directly. {question}\n"
-                                "Context: {context}\nOptions:\n{options}\n"),
-    "region_description": "Provide a short description for this region. {bbox}",
-    "instruction": "{question}",
-}
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CLAMPED_BOX = "clamped_box"
 
 
@@ -68,12 +59,21 @@ class SftSource:
     samples: Callable[[str, Any, Paths, SftOptions], Iterable[Parsed]]
     optional_files: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def parse(self, paths: Paths, options: SftOptions = SftOptions()) -> Iterator[Parsed]:
-        """Every sample (or skip) of the source, in file order."""
+    def check_paths(self, paths: Paths) -> None:
+        """Fail before any work when a required path key is not given or a given path does not exist."""
         missing = [k for k in self.files if k not in paths]
         if missing:
             need = "; ".join(f"`{k}`: {self.files[k]}" for k in missing)
             raise ValueError(f"source {self.name} needs paths for {need}")
+        described = {**self.optional_files, **self.files}
+        for key, path in paths.items():
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"source {self.name}: `{key}` ({described.get(key, key)}) not found at "
+                                        f"{path}; fix the path in the sources file")
+
+    def parse(self, paths: Paths, options: SftOptions = SftOptions()) -> Iterator[Parsed]:
+        """Every sample (or skip) of the source, in file order."""
+        self.check_paths(paths)
         for record_id, raw in self.records(paths):
             try:
                 yield from list(self.samples(record_id, raw, paths, options))
@@ -113,11 +113,6 @@ def text(value: Any, what: str) -> str:
     return value
 
 
-def task_input(task: str, **fields: str) -> str:
-    """The user input of ``task`` (a :data:`TASK_INPUTS` key) with its fields filled in."""
-    return TASK_INPUTS[task].format(**fields)
-
-
 def sft_sample(sample_id: str, images: Sequence[ImageRef], turns: Sequence[tuple[str, str]],
                flags: Sequence[str] = ()) -> Sample:
     """A chat sample: system message, the images at the start of the first user turn, the turns."""
@@ -141,7 +136,7 @@ def lettered_options(choices: Sequence[str], answer_index: int, options: SftOpti
         shown = list(shown)
         random.Random(f"{options.seed}:{record_id}").shuffle(shown)
     letter = LETTERS[shown.index(answer)]
-    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(shown)), letter
+    return format_options(shown), letter
 
 
 def format_bbox(x: float, y: float, w: float, h: float, width: float, height: float) -> tuple[str, bool]:

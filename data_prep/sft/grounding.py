@@ -19,8 +19,9 @@ from typing import Any, Iterable, Iterator
 
 from data_prep.records import Parsed
 from data_prep.safe_pickle import load_plain_pickle
-from data_prep.sft.common import (CLAMPED_BOX, Paths, SftOptions, SftSource, format_bbox, load_json,
-                                  sft_sample, task_input, text)
+from data_prep.sft.common import (CLAMPED_BOX, Paths, SftOptions, SftSource, first_existing, format_bbox,
+                                  load_json, sft_sample, text)
+from pipeline.templates import task_input
 
 
 def _region_sample(sample_id: str, image: str, box: list, width: float, height: float, phrase: Any):
@@ -67,6 +68,11 @@ def refcoco_samples(record_id: str, raw: dict, paths: Paths, options: SftOptions
 
 
 # --- Visual Genome: region_descriptions.json + image_data.json ----------------------------------------
+# The images ship as two archives unpacking to VG_100K/ and VG_100K_2/; an image is looked up in either
+# (or in the ``images`` folder itself, for users who merged the two).
+VG_IMAGE_FOLDERS = ("VG_100K", "VG_100K_2", "")
+
+
 def vg_records(paths: Paths) -> Iterator[tuple[str, Any]]:
     image_data = load_json(paths["image_data"], "Visual Genome image_data.json")
     sizes = {im.get("image_id", im.get("id")): im for im in image_data if isinstance(im, dict)}
@@ -87,7 +93,8 @@ def vg_samples(record_id: str, raw: dict, paths: Paths, options: SftOptions) -> 
     if raw["image"] is None:
         raise KeyError(f"image {raw['image_id']} is not in image_data.json")
     r, size = raw["region"], raw["image"]
-    image = os.path.join(paths["images"], f"{raw['image_id']}.jpg")
+    name = f"{raw['image_id']}.jpg"
+    image = first_existing([os.path.join(paths["images"], folder, name) for folder in VG_IMAGE_FOLDERS])
     return [_region_sample(record_id, image, [r["x"], r["y"], r["width"], r["height"]], size["width"],
                            size["height"], r["phrase"])]
 
@@ -104,6 +111,6 @@ SOURCES = [
       for name, title in (("refcoco", "RefCOCO"), ("refcoco+", "RefCOCO+"), ("refcocog", "RefCOCOg"))),
     SftSource("vg", "Visual Genome: CC BY 4.0 (unverified)",
               {"regions": "region_descriptions.json", "image_data": "image_data.json",
-               "images": "one flat folder of {image_id}.jpg (VG_100K and VG_100K_2 merged)"},
+               "images": "folder holding VG_100K/ and VG_100K_2/ as released (or the two merged, flat)"},
               vg_records, vg_samples),
 ]

@@ -11,7 +11,8 @@ import os
 from typing import Any, Iterable, Iterator
 
 from data_prep.records import Parsed
-from data_prep.sft.common import Paths, SftOptions, SftSource, json_list_records, sft_sample, task_input, text
+from data_prep.sft.common import Paths, SftOptions, SftSource, json_list_records, sft_sample, text
+from pipeline.templates import task_input
 
 IMAGE_TAG = "<image>"
 

@@ -10,8 +10,8 @@ import os
 from typing import Any, Iterable, Iterator
 
 from data_prep.records import Parsed
-from data_prep.sft.common import (Paths, SftOptions, SftSource, first_existing, load_json, sft_sample,
-                                  task_input, text)
+from data_prep.sft.common import Paths, SftOptions, SftSource, first_existing, load_json, sft_sample, text
+from pipeline.templates import task_input
 
 
 # --- VQAv2: questions file + annotations file, joined by question_id --------------------------------

@@ -4,7 +4,9 @@
 ``document_ids`` is None (one document per row).
 
 ``pack``: samples are placed greedily (first fit, longest first) into rows of at most ``pack_tokens``
-tokens; ``document_ids`` numbers the samples of a row 1, 2, 3, … (0 on padding). The attention modes
+tokens, and every row is exactly ``pack_tokens`` wide, whatever the samples: one static width, so the
+compiled FlexAttention kernel and its BlockMask builder compile once for the run instead of once per
+new batch width. ``document_ids`` numbers the samples of a row 1, 2, 3, … (0 on padding). The attention modes
 keep documents apart and restart position ids per document (``pipeline.model.attention``), so a packed
 row computes exactly what the separate padded rows compute — only with less padding.
 
@@ -12,7 +14,8 @@ Either way the batch is::
 
     input_ids     long [R, L]   pad_id on padding
     modality_ids  long [R, L]   pipeline.tokens ids, PAD (0) on padding
-    pixel_values  float [n, 3, H, W]   every image of the batch in row-major slot order (n may be 0)
+    pixel_values  float [n, 3, H, W]   every image of the batch in row-major slot order (n may be 0), in
+                                      ``pixel_dtype`` (the training dtype: bf16 halves the host-to-device copy)
     document_ids  long [R, L] or None
     num_samples   int           samples consumed (kept + skipped): what the loader's resume state counts
     num_target_tokens int       TEXT_TARGET tokens that carry a loss (for loss normalisation)
@@ -71,7 +74,7 @@ def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def collate(samples: Sequence[dict[str, Any]], mode: str, pad_id: int, pack_tokens: int = 2048,
-            pad_to_multiple_of: int = 1) -> dict[str, Any]:
+            pad_to_multiple_of: int = 1, pixel_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Batch decoded samples (``input_ids``, ``modality_ids``, ``pixel_values`` each) by ``mode``."""
     if not samples:
         raise ValueError("collate got no samples")
@@ -84,11 +87,11 @@ def collate(samples: Sequence[dict[str, Any]], mode: str, pad_id: int, pack_toke
         raise ValueError(f"unknown collate mode {mode!r}; use 'pad' or 'pack'")
     order = [i for row in rows for i in row]                       # samples in row-major order
     row_lengths = np.array([sum(lengths[i] for i in row) for row in rows])
-    width = _round_up(int(row_lengths.max()), pad_to_multiple_of)
+    width = pack_tokens if mode == "pack" else _round_up(int(row_lengths.max()), pad_to_multiple_of)
     batch = {
         "input_ids": _fill_rows([samples[i]["input_ids"] for i in order], row_lengths, width, pad_id),
         "modality_ids": _fill_rows([samples[i]["modality_ids"] for i in order], row_lengths, width, PAD),
-        "pixel_values": torch.cat([samples[i]["pixel_values"] for i in order]),
+        "pixel_values": torch.cat([samples[i]["pixel_values"] for i in order]).to(pixel_dtype),
         "document_ids": None,
     }
     if mode == "pack":
@@ -104,11 +107,12 @@ class Collator:
     """The loader's ``collate_fn``: drops skipped / over-long samples (counted), then pads or packs."""
 
     def __init__(self, mode: str, pad_id: int, max_length: int, pack_tokens: int = 2048,
-                 pad_to_multiple_of: int = 8, image_size: int = 0):
+                 pad_to_multiple_of: int = 8, image_size: int = 0, pixel_dtype: torch.dtype = torch.float32):
         if mode == "pack" and pack_tokens < max_length:
             raise ValueError(f"pack_tokens={pack_tokens} cannot hold a sample of max_length={max_length}")
         self.mode, self.pad_id, self.max_length = mode, pad_id, max_length
         self.pack_tokens, self.pad_to_multiple_of, self.image_size = pack_tokens, pad_to_multiple_of, image_size
+        self.pixel_dtype = pixel_dtype
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         skipped: Counter[str] = Counter()
@@ -121,7 +125,7 @@ class Collator:
             else:
                 kept.append(sample)
         batch = collate(kept or [self._placeholder()], self.mode, self.pad_id, self.pack_tokens,
-                        self.pad_to_multiple_of)
+                        self.pad_to_multiple_of, self.pixel_dtype)
         if not kept:
             batch["sources"] = []
         batch["num_samples"] = len(samples)

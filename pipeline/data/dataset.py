@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from pipeline.config import Config, DataConfig, DatasetSource, resolve_path
+from pipeline.config import (Config, DataConfig, DataPhase, DatasetSource, data_phases, resolve_path,
+                             training_dtype)
 from pipeline.data import remote as storage
 from pipeline.data.collate import SKIP_KEY, Collator
-from pipeline.data.format import MANIFEST_NAME, Manifest, check_manifest, read_manifest, split_images
+from pipeline.data.format import MANIFEST_NAME, Manifest, check_manifest, image_lengths, read_manifest, split_images
+from pipeline.data.mixture import load_mixture
 from pipeline.model.sizes import get_model_size
 from pipeline.recipes import ConfigError, parse_proportion
 from pipeline.tokens import IMAGE
@@ -43,28 +45,35 @@ class StreamSource:
     local: str
     proportion: float
     remote: str | None = None
+    samples: int | None = None
+    """A seeded sample of this many samples per epoch (streaming's ``choose``); None: all, by ``proportion``."""
+
+    def stream(self) -> Stream:
+        """The mosaicml-streaming Stream of this source."""
+        if self.samples is not None:
+            return Stream(remote=self.remote, local=self.local, choose=self.samples)
+        return Stream(remote=self.remote, local=self.local, proportion=self.proportion)
 
 
-def resolve_sources(data: DataConfig) -> list[StreamSource]:
-    """The streams of ``data``: from the mixture file (data_prep.mixture) or the ``datasets`` list.
+def resolve_sources(data: DataPhase | DataConfig, cache_dir: str | None = None) -> list[StreamSource]:
+    """The streams of one data phase: from the mixture file (:mod:`pipeline.data.mixture`) or the
+    ``datasets`` list. Remote datasets are cached under ``cache_dir`` (``data.cache_dir``).
 
     A mixture in a bucket is downloaded into the cache; its datasets are streamed from beside it.
     """
     if data.mixture is not None:
-        from data_prep.mixture import load_mixture
-
         path = data.mixture if storage.is_remote(data.mixture) else str(resolve_path(data.mixture))
         try:
-            local_path = storage.fetch(path, storage.cache_folder(path, data.cache_dir))
+            local_path = storage.fetch(path, storage.cache_folder(path, cache_dir))
             entries = load_mixture(local_path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"config `data.mixture`: cannot read {path}: {e}") from None
         sources = [StreamSource(name, local, parse_proportion(p, f"{path}: stream {name!r} proportion"))
                    for name, local, p in entries]
         if storage.is_remote(path):     # entries are relative to the mixture file: the same in the bucket
-            sources = [_beside(s, path, os.path.dirname(local_path), data.cache_dir) for s in sources]
+            sources = [_beside(s, path, os.path.dirname(local_path), cache_dir) for s in sources]
     elif data.datasets:
-        sources = [_dataset_source(s, data.cache_dir) for s in data.datasets]
+        sources = [_dataset_source(s, cache_dir) for s in data.datasets]
     else:
         raise ConfigError("config has no data: set `data.mixture` or `data.datasets`")
     sources = [s for s in sources if s.proportion > 0]
@@ -78,9 +87,9 @@ def _dataset_source(s: DatasetSource, cache_dir: str | None) -> StreamSource:
     if s.remote is None:
         assert s.path is not None
         return StreamSource(s.name or os.path.basename(os.path.normpath(s.path)), str(resolve_path(s.path)),
-                            s.proportion)
+                            s.proportion, samples=s.samples)
     local = str(resolve_path(s.local)) if s.local else storage.cache_folder(s.remote, cache_dir)
-    return StreamSource(s.name or s.remote.rstrip("/").rsplit("/", 1)[-1], local, s.proportion, s.remote)
+    return StreamSource(s.name or s.remote.rstrip("/").rsplit("/", 1)[-1], local, s.proportion, s.remote, s.samples)
 
 
 def _beside(source: StreamSource, mixture_url: str, fetched_dir: str, cache_dir: str | None) -> StreamSource:
@@ -97,9 +106,9 @@ def source_manifest(source: StreamSource) -> Manifest:
 
 
 def check_data_access(data: DataConfig) -> None:
-    """Read the mixture and every stream's manifest, so that a missing bucket, a wrong credential or a
-    wrong prefix is one clear error before training starts (raises ConfigError)."""
-    for source in resolve_sources(data):
+    """Read the mixtures and every stream's manifest of every phase, so that a missing bucket, a wrong
+    credential or a wrong prefix is one clear error before training starts (raises ConfigError)."""
+    for source in (s for phase in data_phases(data) for s in resolve_sources(phase, data.cache_dir)):
         try:
             source_manifest(source)
         except (OSError, storage.RemoteError) as err:
@@ -133,7 +142,10 @@ class AKIStreamingDataset(StreamingDataset):
         meta = {"source": raw.get("source", ""), "id": raw.get("id", "")}
         modality_ids = np.asarray(raw["modality_ids"]).astype(np.int64)
         n_slots = int((modality_ids == IMAGE).sum())
-        lengths = np.asarray(raw["image_lengths"])
+        try:
+            lengths = image_lengths(raw["image_lengths"])
+        except ValueError:
+            return {SKIP_KEY: "unreadable_image", **meta}
         if n_slots % self.num_visual_tokens or n_slots // self.num_visual_tokens != len(lengths):
             return {SKIP_KEY: "image_count_mismatch", **meta}
         try:
@@ -154,45 +166,62 @@ class AKIDataLoader(StreamingDataLoader):
 
 
 def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: ImageProcessorFn | None = None,
-                  check: bool = True) -> AKIStreamingDataset:
-    """The recipe's StreamingDataset (checks the manifests first unless ``check`` is False)."""
+                  check: bool = True, phase: DataPhase | None = None) -> AKIStreamingDataset:
+    """The StreamingDataset of one data phase (default: the recipe's first); checks the manifests first
+    unless ``check`` is False.
+
+    Streams limited to ``samples`` use streaming's fixed sampling: the same seeded subset in every epoch.
+    """
     size = get_model_size(config.model.size)
-    sources = resolve_sources(config.data)
+    phase = phase or data_phases(config.data)[0]
+    sources = resolve_sources(phase, config.data.cache_dir)
     if check:
         check_sources(sources, size.num_visual_tokens, tokenizer_fingerprint, config.model.text_layout)
     if image_processor is None:
         from pipeline.model.images import ImageProcessor
 
         image_processor = ImageProcessor(size.image_size)
-    streams = [Stream(remote=s.remote, local=s.local, proportion=s.proportion) for s in sources]
-    return AKIStreamingDataset(
+    limited = any(s.samples is not None for s in sources)
+    dataset = AKIStreamingDataset(
         image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
-        streams=streams, batch_size=config.train.micro_batch_size, shuffle=config.data.shuffle,
-        shuffle_seed=config.data.shuffle_seed, cache_limit=config.data.cache_limit,
+        streams=[s.stream() for s in sources], batch_size=config.train.micro_batch_size,
+        shuffle=config.data.shuffle, shuffle_seed=config.data.shuffle_seed,
+        sampling_method="fixed" if limited else "balanced", cache_limit=config.data.cache_limit,
         num_canonical_nodes=config.data.num_canonical_nodes)
+    for source, available in zip(sources, dataset.samples_per_stream.tolist()):
+        if source.samples is not None and source.samples > available:
+            raise ConfigError(f"data phase {phase.name!r}: stream {source.name!r} ({source.remote or source.local}) "
+                              f"holds {available} samples, fewer than its `samples` ({source.samples}); lower "
+                              "`samples` or drop it")
+    return dataset
 
 
 def build_collator(config: Config, pad_id: int) -> Collator:
-    """The recipe's collate function."""
+    """The recipe's collate function (pixels in the training dtype: bf16 runs ship half the bytes)."""
     d = config.data
     return Collator(d.collate, pad_id, d.max_length, d.pack_tokens, d.pad_to_multiple_of,
-                    get_model_size(config.model.size).image_size)
+                    get_model_size(config.model.size).image_size, training_dtype(config))
 
 
 def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProcessorFn | None = None,
-                     check: bool = True) -> AKIDataLoader:
+                     check: bool = True, phase: DataPhase | None = None,
+                     pin_memory: bool | None = None) -> AKIDataLoader:
     """Micro-batch loader of one rank: ``micro_batch_size`` samples per batch, collated by the recipe.
+
+    Batches land in pinned (page-locked) host memory when a GPU is present (``pin_memory`` None), so the
+    trainer's ``non_blocking`` copies run asynchronously instead of staging through pageable memory.
 
     Rank and world size come from the usual environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) that
     torchrun / DeepSpeed set. ``tokenizer`` gives the pad id and the fingerprint the data must match.
     """
     from pipeline.model.tokenizer import tokenizer_fingerprint
 
-    dataset = build_dataset(config, tokenizer_fingerprint(tokenizer), image_processor, check)
+    dataset = build_dataset(config, tokenizer_fingerprint(tokenizer), image_processor, check, phase)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return AKIDataLoader(dataset, batch_size=config.train.micro_batch_size, collate_fn=build_collator(config, pad_id),
                          num_workers=config.data.num_workers, drop_last=True,
-                         persistent_workers=config.data.num_workers > 0)
+                         persistent_workers=config.data.num_workers > 0,
+                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
 
 
 __all__ = ["AKIDataLoader", "AKIStreamingDataset", "StreamSource", "build_collator", "build_dataloader",

@@ -7,8 +7,17 @@ The rule, per document. An *image run* is a maximal run of consecutive IMAGE tok
 written back to back form one run). The *text run after it* is the maximal run of tokens of one
 modality that directly follows it in the same document. The image run moves:
 
-* text run is TEXT_TARGET (pre-training: ``<s><image>{caption}<|endofchunk|>``) → to the end of that run:
-  ``<s>{caption}<|endofchunk|><image>``;
+* text run is TEXT_TARGET (pre-training: ``<s><image>{caption}<|endofchunk|>``) → to before the run's
+  last ``target_tail`` tokens. The recipe key ``data.ti_pt_image`` (:data:`TI_PT_IMAGE`) chooses them:
+
+  - ``before_end`` (the shipped recipes): ``<s>{caption}<image><|endofchunk|>`` — the caption's end
+    (:func:`caption_end_tokens`: ``<|endofchunk|>``, and EOS where the layout has one) is predicted after
+    the image, so the loss depends on the image and the connector gets gradient;
+  - ``last``: ``<s>{caption}<|endofchunk|><image>`` — nothing is predicted after the image: such a step
+    trains the LLM as a text-only language model and the connector (and SigLIP) get no gradient.
+
+  The paper states only that T&I places the text before the image (§3.2; its Figure 4 template is an
+  image that the text we work from does not reproduce), so this is our choice, stated in the recipes;
 * text run is TEXT_INPUT (finetuning: ``<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n``) → to
   before the run's last ``tail_tokens`` tokens, the chat template's prompt suffix
   ``<|end|>\\n<|assistant|>\\n`` (:func:`prompt_suffix_tokens` counts them with the tokenizer):
@@ -20,21 +29,33 @@ Every other token keeps its relative order; tokens never leave their document; a
 another image, so the images' row-major order — the order of ``pixel_values`` — is unchanged. Modality
 ids travel with their tokens, so the loss is still on the same answer/caption tokens.
 
-Schedule (paper Eq. 4): a stage lists its orders, e.g. ``["ti", "it"]``; each takes an equal,
-consecutive share of the stage's optimizer steps (T&I first, then I&T, ending in the inference order).
-``["it"]`` is the standard pipeline and ``["ti"]`` / ``["it"]`` the DOT ablations without one order.
+What each order trains (tests/test_dot.py checks these on a tiny model); the loss is on the same
+tokens in both orders of a sample, SigLIP is frozen in all of them:
+
+* PT I&T ``<s><image>{caption}<|endofchunk|>``: caption + end; gradient to connector and LLM;
+* PT T&I, ``before_end``: ``<s>{caption}<image><|endofchunk|>``: caption + end; connector and LLM
+  (the connector only through the end tokens, the caption itself is predicted before the image);
+* PT T&I, ``last``: ``<s>{caption}<|endofchunk|><image>``: caption + end; LLM only;
+* SFT I&T ``…<|user|>\n<image>\n{question}<|end|>\n<|assistant|>\n{answer}``: answer; connector and LLM;
+* SFT T&I ``…<|user|>\n\n{question}<image><|end|>\n<|assistant|>\n{answer}``: answer; connector and LLM.
+
+Schedule (paper Eq. 4): a stage lists its orders, e.g. ``["ti", "it"]``;
+each takes an equal, consecutive share of the stage's optimizer steps (T&I first, then I&T, ending in
+the inference order), and each reads the same samples (pipeline/data/phases.py). ``optim.schedule_span``
+says whether one LR schedule spans both orders or each order runs its own. ``["it"]`` is the standard
+pipeline and ``["ti"]`` / ``["it"]`` the DOT ablations without one order.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipeline import chat
-from pipeline.tokens import IMAGE, PAD, TEXT_INPUT
+from pipeline.tokens import IMAGE, PAD, TEXT_INPUT, TEXT_TARGET
 
 IMAGE_FIRST, TEXT_FIRST = "it", "ti"
 
@@ -56,9 +77,32 @@ def prompt_suffix_tokens(tokenizer: PreTrainedTokenizerBase, layout: str = chat.
     return len(suffix)
 
 
+def caption_end_tokens(tokenizer: PreTrainedTokenizerBase, layout: str = chat.DEFAULT_LAYOUT) -> int:
+    """Number of target tokens the PT template puts after the caption text (``<|endofchunk|>``, plus EOS
+    in a layout that ends samples with it), found by encoding a caption through pipeline.chat."""
+    caption = "a photo"
+    enc = chat.encode(tokenizer, chat.pretrain_segments(caption, layout), num_visual_tokens=1)
+    target = enc.input_ids[enc.modality_ids == TEXT_TARGET].tolist()
+    text = tokenizer.encode(caption, add_special_tokens=False)
+    if target[:len(text)] != list(text):
+        raise ValueError("this tokenizer does not encode a caption the same inside the PT template as alone, "
+                         "so DOT cannot find where the caption ends")
+    return len(target) - len(text)
+
+
+# data.ti_pt_image -> target tokens kept after the image in a T&I pre-training sample
+TI_PT_IMAGE: dict[str, Callable[[PreTrainedTokenizerBase, str], int]] = {
+    "before_end": caption_end_tokens,
+    "last": lambda tokenizer, layout: 0,
+}
+
+
 def text_first_permutation(modality_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
-                           tail_tokens: int = 0) -> torch.Tensor:
-    """Index tensor ``[B, L]`` such that ``x.gather(1, perm)`` is the T&I order of I&T rows ``x``."""
+                           tail_tokens: int = 0, target_tail: int = 0) -> torch.Tensor:
+    """Index tensor ``[B, L]`` such that ``x.gather(1, perm)`` is the T&I order of I&T rows ``x``.
+
+    ``tail_tokens`` / ``target_tail``: tokens left after a moved image at the end of a TEXT_INPUT /
+    TEXT_TARGET run (the chat prompt's suffix; the caption's end, see :data:`TI_PT_IMAGE`)."""
     m = modality_ids.long()
     B, L = m.shape
     docs = (m != PAD).long() if document_ids is None else document_ids.long()
@@ -73,15 +117,16 @@ def text_first_permutation(modality_ids: torch.Tensor, document_ids: torch.Tenso
     m_after, d_after = m.gather(1, after), docs.gather(1, after)
     movable = (m == IMAGE) & (next_start < L) & (m_after != PAD) & (m_after != IMAGE) & (d_after == docs)
     text_end = next_start.gather(1, after)                   # end (exclusive) of the text run after it
-    anchor = torch.where(m_after == TEXT_INPUT, torch.maximum(next_start, text_end - tail_tokens), text_end)
+    tail = torch.where(m_after == TEXT_INPUT, tail_tokens, target_tail)
+    anchor = torch.maximum(next_start, text_end - tail)
     # Sort keys: token p -> 2p; a moved image token -> just before the token at its anchor.
     key = torch.where(movable, 2 * anchor - 1, 2 * pos)
     return key.argsort(dim=1, stable=True)
 
 
-def to_text_first(batch: dict[str, Any], tail_tokens: int) -> dict[str, Any]:
+def to_text_first(batch: dict[str, Any], tail_tokens: int, target_tail: int = 0) -> dict[str, Any]:
     """A copy of ``batch`` (from pipeline.data.collate) in T&I order; ``pixel_values`` is unchanged."""
-    perm = text_first_permutation(batch["modality_ids"], batch.get("document_ids"), tail_tokens)
+    perm = text_first_permutation(batch["modality_ids"], batch.get("document_ids"), tail_tokens, target_tail)
     out = dict(batch)
     for key in ("input_ids", "modality_ids", "document_ids"):
         if out.get(key) is not None:
@@ -89,9 +134,11 @@ def to_text_first(batch: dict[str, Any], tail_tokens: int) -> dict[str, Any]:
     return out
 
 
-def reorder_sample(input_ids: np.ndarray, modality_ids: np.ndarray, tail_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def reorder_sample(input_ids: np.ndarray, modality_ids: np.ndarray, tail_tokens: int,
+                   target_tail: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """T&I order of one stored sample (numpy in, numpy out, dtypes kept)."""
-    perm = text_first_permutation(torch.from_numpy(modality_ids.astype(np.int64))[None], None, tail_tokens)[0]
+    perm = text_first_permutation(torch.from_numpy(modality_ids.astype(np.int64))[None], None, tail_tokens,
+                                  target_tail)[0]
     perm = perm.numpy()
     return input_ids[perm], modality_ids[perm]
 
@@ -104,8 +151,6 @@ class DotSchedule:
     """Orders in training sequence, e.g. ["ti", "it"]; each gets an equal consecutive share of the steps."""
     total_steps: int
     """Optimizer steps of the stage."""
-    tail_tokens: int = 0
-    """Prompt-suffix length kept after a moved image (see :func:`prompt_suffix_tokens`)."""
 
     def __post_init__(self) -> None:
         bad = [o for o in self.orders if o not in (IMAGE_FIRST, TEXT_FIRST)]
@@ -119,19 +164,10 @@ class DotSchedule:
         share = min(max(step, 0) * len(self.orders) // self.total_steps, len(self.orders) - 1)
         return self.orders[share]
 
-    def apply(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
-        """``batch`` in the order of ``step`` (unchanged for I&T: the stored order)."""
-        if self.order_for_step(step) == TEXT_FIRST:
-            return to_text_first(batch, self.tail_tokens)
-        return batch
+    def start_steps(self) -> list[int]:
+        """First step of each order (the smallest step whose :meth:`order_for_step` is that order)."""
+        return [-(-k * self.total_steps // len(self.orders)) for k in range(len(self.orders))]
 
 
-def build_dot_schedule(orders: list[str], total_steps: int, tokenizer: PreTrainedTokenizerBase,
-                       layout: str = chat.DEFAULT_LAYOUT) -> DotSchedule:
-    """The schedule of a recipe: ``build_dot_schedule(cfg.data.orders, cfg.train.total_steps, tokenizer,
-    cfg.model.text_layout)``."""
-    return DotSchedule(list(orders), total_steps, prompt_suffix_tokens(tokenizer, layout))
-
-
-__all__ = ["DotSchedule", "build_dot_schedule", "prompt_suffix_tokens", "reorder_sample",
+__all__ = ["DotSchedule", "TI_PT_IMAGE", "caption_end_tokens", "prompt_suffix_tokens", "reorder_sample",
            "text_first_permutation", "to_text_first", "IMAGE_FIRST", "TEXT_FIRST"]

@@ -5,7 +5,8 @@ Data prep writes, and training reads, exactly these columns::
     input_ids      ndarray:int32   chat-templated ids, each image expanded to N placeholder ids
     modality_ids   ndarray:uint8   one pipeline.tokens id per token (never PAD)
     images         bytes           the sample's JPEG files, concatenated (empty when text-only)
-    image_lengths  ndarray:int32   byte length of each JPEG in ``images`` (one per image)
+    image_lengths  bytes           byte length of each JPEG in ``images``: little-endian int32, one per
+                                   image (empty when text-only; MDS ndarray columns refuse empty arrays)
     source         str             dataset name (``vqav2``, ``kale``, ...)
     id             str             the record's id in its original files
 
@@ -27,20 +28,31 @@ MDS_COLUMNS: dict[str, str] = {
     "input_ids": "ndarray:int32",
     "modality_ids": "ndarray:uint8",
     "images": "bytes",
-    "image_lengths": "ndarray:int32",
+    "image_lengths": "bytes",
     "source": "str",
     "id": "str",
 }
 MANIFEST_NAME = "manifest.json"
+LENGTH_DTYPE = np.dtype("<i4")     # one ``image_lengths`` entry
 
 
-def join_images(jpegs: list[bytes]) -> tuple[bytes, np.ndarray]:
-    """Pack JPEG files into the ``images`` / ``image_lengths`` columns."""
-    return b"".join(jpegs), np.array([len(j) for j in jpegs], np.int32)
+def join_images(jpegs: list[bytes]) -> tuple[bytes, bytes]:
+    """Pack JPEG files into the ``images`` / ``image_lengths`` columns (both empty for no image)."""
+    return b"".join(jpegs), np.array([len(j) for j in jpegs], LENGTH_DTYPE).tobytes()
 
 
-def split_images(blob: bytes, lengths: np.ndarray) -> list[bytes]:
+def image_lengths(column: bytes | np.ndarray) -> np.ndarray:
+    """The ``image_lengths`` column as an int array (datasets written before it was bytes stored an array)."""
+    if isinstance(column, (bytes, bytearray, memoryview)):
+        if len(column) % LENGTH_DTYPE.itemsize:
+            raise ValueError(f"image_lengths holds {len(column)} bytes, not a whole number of int32")
+        return np.frombuffer(column, LENGTH_DTYPE)
+    return np.asarray(column)
+
+
+def split_images(blob: bytes, lengths: bytes | np.ndarray) -> list[bytes]:
     """Inverse of :func:`join_images`."""
+    lengths = image_lengths(lengths)
     if int(np.sum(lengths)) != len(blob):
         raise ValueError(f"image_lengths sum to {int(np.sum(lengths))} bytes but images holds {len(blob)}")
     out, start = [], 0

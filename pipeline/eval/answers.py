@@ -13,6 +13,9 @@ A letter is accepted only when it names one of the given options, and a bare cap
 space is never read as a letter: ``A red circle`` is an article, not option A. Nothing found → ``None``
 (scored as wrong).
 
+Strict (:func:`strict_letter`, CV-Bench's official script): the whole output, trimmed, is the letter
+itself — ``B`` or ``(B)``, a final period allowed — and nothing else counts.
+
 Yes/no (:func:`extract_yes_no`, POPE): the first ``yes``/``no`` word of the first sentence decides;
 otherwise a negation (``not``, ``no``, ``none``) in it means ``no``; otherwise ``None``.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
-from data_prep.sft.common import LETTERS
+from pipeline.templates import LETTERS
 
 # Characters stripped around an answer before matching: whitespace, end punctuation, markdown emphasis,
 # quotes.
@@ -102,6 +105,15 @@ def extract_choice(output: str, choices: Sequence[str]) -> str | None:
     return None
 
 
+_STRICT_LETTER = re.compile(r"\(?([A-Z])\)?\.?")
+
+
+def strict_letter(output: str, choices: Sequence[str]) -> str | None:
+    """The letter when ``output`` is exactly an option letter (``B``, ``(B)``, ``B.``), else ``None``."""
+    m = _STRICT_LETTER.fullmatch((output or "").strip())
+    return m.group(1) if m and m.group(1) in option_letters(len(choices)) else None
+
+
 def answer_letter(answer: str) -> str:
     """The letter of a CV-Bench ground truth: ``"(B)"`` → ``"B"`` (a bare ``"B"`` is accepted too)."""
     m = re.fullmatch(r"\s*\(?\s*([A-Za-z])\s*\)?\s*", str(answer))
@@ -128,4 +140,4 @@ def extract_yes_no(output: str) -> str | None:
 
 
 __all__ = ["CHOICE_PATTERNS", "CHOICE_EXTRACTORS", "answer_letter", "extract_choice", "extract_yes_no",
-           "option_letters"]
+           "option_letters", "strict_letter"]

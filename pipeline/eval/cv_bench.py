@@ -9,8 +9,12 @@ asks each question with AKI's prompt — the chat template around the SFT multip
     B. c2
     …
 
-— generates greedily in batches (sharded over ``torchrun`` ranks), extracts the option letter
-(:mod:`pipeline.eval.answers`) and scores as the benchmark defines it (:mod:`pipeline.eval.metrics`).
+— generates greedily in batches (sharded over ``torchrun`` ranks) and scores as the benchmark defines it
+(:mod:`pipeline.eval.metrics`) twice, labelled: *strict*, the official script's exact letter match (the
+output is the letter and nothing else), and *lenient*, the letter read by :mod:`pipeline.eval.answers`
+(patterns, then option texts). lmms-eval's ``cv_bench`` task asks differently: ``Note: You only need to
+respond with A, B, C, or D without providing any additional information.`` + the dataset's ``prompt``
+field, no chat template of ours, and it reads the first letter of the output.
 Writes ``predictions.jsonl`` (one line per question) and ``scores.json`` into ``--out``.
 """
 from __future__ import annotations
@@ -19,18 +23,17 @@ import argparse
 import sys
 from typing import Mapping, Sequence
 
-from data_prep.sft.common import SftOptions, lettered_options, task_input
 from pipeline.chat import Chat
-from pipeline.eval.answers import LETTERS, extract_choice
-from pipeline.eval.metrics import cv_bench_scores
+from pipeline.eval.answers import extract_choice, strict_letter
+from pipeline.eval.metrics import cv_bench_strict_and_lenient
 from pipeline.eval.readers import CVBenchItem, read_cv_bench
 from pipeline.eval.runner import Benchmark, add_run_args, run_cli
+from pipeline.templates import format_options, task_input
 
 
 def question_input(item: CVBenchItem) -> str:
     """The user input: SFT's multiple-choice input with the options lettered in their stored order."""
-    options, _ = lettered_options(item.choices, LETTERS.index(item.answer), SftOptions(), item.key)
-    return task_input("multiple_choice", question=item.question, options=options)
+    return task_input("multiple_choice", question=item.question, options=format_options(item.choices))
 
 
 def prompt(item: CVBenchItem) -> Chat:
@@ -43,11 +46,12 @@ def score_outputs(items: Sequence[CVBenchItem], outputs: Mapping[str, str]) -> t
     records = []
     for item in items:
         raw = outputs[item.key]
-        letter = extract_choice(raw, item.choices)
+        letter, strict = extract_choice(raw, item.choices), strict_letter(raw, item.choices)
         records.append({"idx": item.idx, "type": item.type, "source": item.source, "task": item.task,
                         "prompt": question_input(item), "output": raw, "letter": letter,
-                        "answer": item.answer, "correct": letter == item.answer})
-    return records, cv_bench_scores(records)
+                        "answer": item.answer, "correct": letter == item.answer,
+                        "strict_letter": strict, "strict_correct": strict == item.answer})
+    return records, cv_bench_strict_and_lenient(records)
 
 
 def format_scores(scores: Mapping, title: str = "CV-Bench") -> str:
@@ -59,7 +63,9 @@ def format_scores(scores: Mapping, title: str = "CV-Bench") -> str:
         lines.append(f"  {src:<10} {pct(acc)}  (n={scores['counts'][src]})")
     for task, acc in scores["per_task"].items():
         lines.append(f"  task {task:<9} {pct(acc)}")
-    lines.append(f"  2D {pct(scores['2D'])}   3D {pct(scores['3D'])}   overall {pct(scores['overall'])}")
+    for s in (scores["strict"], scores) if "strict" in scores else (scores,):
+        lines.append(f"  2D {pct(s['2D'])}   3D {pct(s['3D'])}   overall {pct(s['overall'])}   "
+                     f"[{s.get('scoring', 'lenient')}]")
     return "\n".join(lines)
 
 

@@ -10,8 +10,13 @@ CV-Bench (as its official evaluation and AKI's ``eval_cv_bench/eval.py`` define 
 A source with no questions is left out of the means (and 2D or 3D is ``None`` when none of its
 sources is present), so a subset still gets the scores it can support.
 
+CV-Bench is scored twice (:func:`cv_bench_strict_and_lenient`): *strict* counts an answer only when the
+output is exactly the option letter (the official script's exact match), *lenient* reads the letter
+with :func:`pipeline.eval.answers.extract_choice` (patterns, then option texts).
+
 POPE: "yes" is the positive class; an answer that is neither yes nor no counts as wrong and as a
-non-"yes" prediction (it lowers recall when the label is yes).
+non-"yes" prediction (it lowers recall when the label is yes). The paper reports the F1 averaged over
+the three splits (:func:`pope_mean_over_splits`).
 """
 from __future__ import annotations
 
@@ -68,6 +73,14 @@ def cv_bench_scores(results: Iterable[Mapping]) -> dict:
     }
 
 
+def cv_bench_strict_and_lenient(results: Sequence[Mapping]) -> dict:
+    """Lenient scores (records' ``correct``, at the top level) plus ``strict`` ones (records'
+    ``strict_correct``), each as :func:`cv_bench_scores` gives them."""
+    strict = cv_bench_scores([{**r, "correct": r["strict_correct"], "letter": r["strict_letter"]} for r in results])
+    return {**cv_bench_scores(results), "scoring": "lenient (letter extraction)",
+            "strict": {**strict, "scoring": "strict (exact letter, official script)"}}
+
+
 @dataclasses.dataclass(frozen=True)
 class BinaryScores:
     """POPE's metrics for one split ("yes" = positive)."""
@@ -104,4 +117,16 @@ def binary_scores(predictions: Sequence[str | None], labels: Sequence[str]) -> B
                         unanswered=sum(p is None for p in predictions))
 
 
-__all__ = ["CV_BENCH_SOURCES", "BinaryScores", "accuracy", "binary_scores", "cv_bench_scores"]
+POPE_AVERAGED = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+def pope_mean_over_splits(per_split: Mapping[str, Mapping]) -> dict:
+    """Each metric averaged over the splits (the paper's POPE number is the mean F1), with the splits."""
+    if not per_split:
+        raise ValueError("no POPE split to average")
+    return {**{k: sum(s[k] for s in per_split.values()) / len(per_split) for k in POPE_AVERAGED},
+            "n": sum(s["n"] for s in per_split.values()), "splits": list(per_split)}
+
+
+__all__ = ["CV_BENCH_SOURCES", "BinaryScores", "accuracy", "binary_scores", "cv_bench_scores",
+           "cv_bench_strict_and_lenient", "pope_mean_over_splits"]

@@ -3,8 +3,11 @@
 Reads ``coco_pope_{random,popular,adversarial}.json`` (JSON Lines) and the COCO val2014 images, asks
 each question with the SFT short-answer input (``Answer the question using a single word or phrase.
 {question}``) inside the chat template, reads yes/no from the output and reports accuracy, precision,
-recall, F1 and yes-ratio per split (:func:`pipeline.eval.metrics.binary_scores`). Writes
-``predictions.jsonl`` and ``scores.json`` into ``--out``.
+recall, F1 and yes-ratio per split (:func:`pipeline.eval.metrics.binary_scores`) and their mean over the
+splits (``mean``; its F1 is the paper's POPE number). Writes ``predictions.jsonl`` and ``scores.json``
+into ``--out``. lmms-eval's ``pope`` tasks ask the same question text with the same post-prompt
+(``\nAnswer the question using a single word or phrase.`` after the question, where ours puts the
+instruction before it) and count only an answer that is exactly ``yes`` or ``no``.
 """
 from __future__ import annotations
 
@@ -12,12 +15,12 @@ import argparse
 import sys
 from typing import Mapping, Sequence
 
-from data_prep.sft.common import task_input
 from pipeline.chat import Chat
 from pipeline.eval.answers import extract_yes_no
-from pipeline.eval.metrics import binary_scores
+from pipeline.eval.metrics import binary_scores, pope_mean_over_splits
 from pipeline.eval.readers import POPE_SPLITS, PopeItem, read_pope
 from pipeline.eval.runner import Benchmark, add_run_args, run_cli
+from pipeline.templates import task_input
 
 
 def prompt(item: PopeItem) -> Chat:
@@ -38,12 +41,14 @@ def score_outputs(items: Sequence[PopeItem], outputs: Mapping[str, str]) -> tupl
         mine = [r for r in records if r["split"] == split]
         if mine:
             scores[split] = binary_scores([r["prediction"] for r in mine], [r["label"] for r in mine]).as_dict()
-    return records, scores
+    return records, {**scores, "mean": pope_mean_over_splits(scores)}
 
 
 def format_scores(scores: Mapping[str, Mapping]) -> str:
     lines = [f"POPE {'split':<12} {'n':>5} {'acc':>6} {'prec':>6} {'rec':>6} {'f1':>6} {'yes%':>6}"]
     for split, s in scores.items():
+        if split == "mean":
+            split = "mean/splits"      # the paper's POPE figure is this F1
         lines.append(f"     {split:<12} {s['n']:>5} " + " ".join(
             f"{100 * s[k]:6.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")))
     return "\n".join(lines)

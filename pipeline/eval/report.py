@@ -79,11 +79,13 @@ def plot_loss_curves(curves: Mapping[str, tuple[list[int], list[float]]], path: 
 
 
 def write_report(path: str, title: str, table: str, timings: Mapping[str, float], settings: Mapping,
-                 notes: Sequence[str] = ()) -> str:
-    """``report.md``: the results table, what was run, and how long each step took."""
+                 notes: Sequence[str] = (), figures: Sequence[tuple[str, str]] = ()) -> str:
+    """``report.md``: the results table with its notes, the loss curves and ``figures`` ((caption, path
+    relative to the report) each), what was run, and how long each step took."""
     total = sum(timings.values())
     lines = [f"# {title}", "", "## Results (synthetic CV-Bench-style evaluation)", "", table, "",
-             *notes, "", "![loss curves](loss_curves.png)", "", "## Steps", "",
+             *[line for note in notes for line in (note, "")], "![loss curves](loss_curves.png)", "",
+             *[line for caption, figure in figures for line in (f"![{caption}]({figure})", "")], "## Steps", "",
              "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += [f"| **total** | **{total:.1f}** |", "", "## Settings", "", "```json",

@@ -25,6 +25,7 @@ from transformers import (Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase, 
                           SiglipVisionModel)
 
 from pipeline.chat import DEFAULT_LAYOUT, get_layout
+from pipeline.compat import vision_tower
 from pipeline.model import attention
 from pipeline.model.backends import get_backend
 from pipeline.model.images import ImageProcessor, load_image
@@ -139,8 +140,8 @@ class AKIModel(nn.Module):
         if attention.MODES[attention_mode].concentric_positions and side * side != resampler_config.num_latents:
             raise ValueError(f"attention mode {attention_mode!r} needs a square number of visual tokens, but "
                              f"size {self.size.name!r} has {resampler_config.num_latents}")
-        self.vision = _build_vision(self.size, None if vision_weights is None else os.fspath(vision_weights),
-                                    dtype)
+        self.vision = vision_tower(_build_vision(self.size, None if vision_weights is None
+                                                 else os.fspath(vision_weights), dtype))
         self.vision.requires_grad_(False)
         self.vision.eval()
         self.resampler = PerceiverResampler(resampler_config)

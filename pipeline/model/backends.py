@@ -6,7 +6,10 @@ to the LLM's attention kernel:
 * ``sdpa``                 — a 4-D boolean mask ``[B, 1, Q, K]`` (CPU, tests, generation);
 * ``flex_attention``       — a FlexAttention ``BlockMask`` run by transformers' compiled kernel (GPU);
 * ``flex_attention_eager`` — the same ``BlockMask`` run by the uncompiled ``flex_attention`` (CPU checks
-  of the BlockMask path; registered below through transformers' public ``AttentionInterface``).
+  of the BlockMask path; registered below through transformers' public ``AttentionInterface``);
+* ``eager``                — an additive float mask ``[B, 1, Q, K]`` (0 visible, -inf hidden) for transformers'
+  eager attention, which computes the attention probabilities explicitly and returns them from every
+  attention layer (``pipeline.inspect`` reads them; slow and memory-hungry, not for training).
 
 Each backend turns a batch layout into the prefill mask, and an explicit boolean visibility matrix (the
 decode steps of generation) into its own mask type.
@@ -70,10 +73,25 @@ def flex_attention_eager(module: torch.nn.Module, query: torch.Tensor, key: torc
 
 AttentionInterface.register("flex_attention_eager", flex_attention_eager)
 
+
+def additive_mask(visible: torch.Tensor) -> torch.Tensor:
+    """The float mask eager attention adds to its scores: 0 where ``visible``, -inf elsewhere.
+
+    -inf is safe: no row is empty (:func:`pipeline.model.attention.sdpa_mask` gives PAD queries a self edge).
+    """
+    return torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
+def _additive_layout_mask(modality_ids: torch.Tensor, mode: str, document_ids: torch.Tensor | None,
+                          num_visual_tokens: int) -> torch.Tensor:
+    return additive_mask(attention.sdpa_mask(modality_ids, mode, document_ids, num_visual_tokens))
+
+
 BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
     AttentionBackend("sdpa", attention.sdpa_mask, lambda visible: visible),
     AttentionBackend("flex_attention", _block_mask, dense_to_block_mask),
     AttentionBackend("flex_attention_eager", attention.block_mask, dense_to_block_mask),
+    AttentionBackend("eager", _additive_layout_mask, additive_mask),
 )}
 
 
@@ -83,7 +101,8 @@ def get_backend(name: str) -> AttentionBackend:
         return BACKENDS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unsupported attn_implementation {name!r}; choose one of: "
-                         f"{', '.join(BACKENDS)} (eager attention would add a boolean mask)") from None
+                         f"{', '.join(BACKENDS)}") from None
 
 
-__all__ = ["AttentionBackend", "BACKENDS", "get_backend", "dense_to_block_mask", "flex_attention_eager"]
+__all__ = ["AttentionBackend", "BACKENDS", "additive_mask", "get_backend", "dense_to_block_mask",
+           "flex_attention_eager"]

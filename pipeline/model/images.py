@@ -15,7 +15,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import SiglipImageProcessor
+
+from pipeline.compat import SiglipImageProcessor
 
 ImageLike = Union[Image.Image, bytes, str, os.PathLike]
 

@@ -62,6 +62,11 @@ def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return _require_token(tokenizer, IMAGE_TOKEN)
 
 
+def role_tag_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Ids of the chat role tags, keyed by tag: ``<|system|>``, ``<|user|>``, ``<|assistant|>``, ``<|end|>``."""
+    return {tag: _require_token(tokenizer, tag) for tag in (SYSTEM_TAG, USER_TAG, ASSISTANT_TAG, END_TAG)}
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids that end a generated answer: ``<|end|>``, ``<|endofchunk|>`` and EOS."""
     ids = {_require_token(tokenizer, END_TAG), _require_token(tokenizer, END_OF_CHUNK)}
