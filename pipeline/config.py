@@ -127,8 +127,13 @@ class DataConfig:
     """Per-node cache root of remote datasets (each in a sub-folder named after its URL); None: a folder
     under the node's temporary directory ($TMPDIR)."""
     cache_limit: str | None = None
-    """Most bytes the cached shards of remote datasets may take per node (e.g. "50gb"); older shards are
-    evicted. None: no limit. It must hold at least a few shards."""
+    """Most bytes the cached shards of each remote data phase may take per node (e.g. "200gb"); the least
+    recently read shards are evicted. None: no limit. It must hold (2 x predownload + 3) of the largest
+    shards per process reading on the node (ranks x max(1, ``num_workers``)), else the loader refuses to
+    start (pipeline.data.dataset.cache_shards_needed says why)."""
+    predownload: int | None = None
+    """Samples each reading process downloads ahead of training (streaming's ``predownload``); None:
+    streaming's default, 8 x ``train.micro_batch_size``. Lower it to fit a smaller ``cache_limit``."""
     collate: str = "pack"
     """"pad": one sample per row, padded to the longest; "pack": several samples per row of ``pack_tokens``."""
     pack_tokens: int = 2048
@@ -288,6 +293,8 @@ def validate(config: Config) -> None:
     _choice(d.collate, COLLATE_MODES, "data.collate")
     for key in ("pack_tokens", "max_length", "pad_to_multiple_of"):
         _positive(getattr(d, key), f"data.{key}")
+    if d.predownload is not None:
+        _positive(d.predownload, "data.predownload")
     _positive(d.num_workers, "data.num_workers", allow_zero=True)
     if d.collate == "pack" and d.pack_tokens < d.max_length:
         raise ConfigError(f"config `data.pack_tokens` ({d.pack_tokens}) is smaller than `data.max_length` "

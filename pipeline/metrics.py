@@ -16,6 +16,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -117,9 +118,21 @@ class MetricsLogger:
             return
         record = dataclasses.asdict(metrics)
         self.event(record)
-        if self.wandb_run is not None:
-            self.wandb_run.log({f"train/{k}": v for k, v in record.items()
-                                if k not in ("step", "data_digest") and v is not None}, step=metrics.step)
+        self._wandb("log", {f"train/{k}": v for k, v in record.items()
+                            if k not in ("step", "data_digest") and v is not None}, step=metrics.step)
+
+    def _wandb(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Call the wandb run's ``method``. When wandb fails (its service process killed by a job-wide
+        SIGTERM, a full disk), it is switched off with a warning: metrics.jsonl still has every record,
+        and the step or the checkpoint in progress is not lost to a logging error."""
+        if self.wandb_run is None:
+            return
+        try:
+            getattr(self.wandb_run, method)(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001  (wandb raises many kinds; none may stop training)
+            self.wandb_run = None
+            print(f"warning: wandb {method} failed ({type(err).__name__}: {err}); wandb is off for the rest of "
+                  f"this run, {self.path} keeps every step", file=sys.stderr, flush=True)
 
     def event(self, record: dict[str, Any]) -> None:
         """Append one JSON line (a step record, or an event such as a skipped step or a save)."""
@@ -141,9 +154,8 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def close(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        self._wandb("finish")
+        self.wandb_run = None
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:

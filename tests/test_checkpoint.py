@@ -99,3 +99,4 @@ def test_resuming_before_later_complete_checkpoints_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"starts at step 20.*step_00000060"):
         ckpt.check_start(early, tmp_path)
     ckpt.check_start(ckpt.resolve_resume("auto", tmp_path), tmp_path)   # the newest: nothing later
+

@@ -8,6 +8,7 @@ tests/test_train.py, the two-node launch there too.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from streaming import Stream, StreamingDataset
@@ -110,3 +111,64 @@ def test_missing_bucket_or_wrong_secret_is_one_clear_error(tmp_path, s3_env, mon
     assert "not-the-secret" not in str(err.value) and s3_env.secret_key not in str(err.value)
     with pytest.raises(RemoteError, match="access denied"):
         build_pretrain(["unused.tar"], s3_env.url("x"), "kale", EncodeSettings("unused", "tiny", 8))
+
+
+# ---- the cache limit -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory, tiny_tokenizer, s3_server) -> dict:
+    """A 48-sample dataset in 4 KiB shards, as a local folder and in the bucket; its largest shard's bytes."""
+    import json
+
+    from dist_utils import write_dataset
+
+    folder = write_dataset(tmp_path_factory.mktemp("small") / "pt", tiny_tokenizer, "pt", 48, shard_size=1 << 12)
+    s3 = s3_server.client()
+    for name in sorted(os.listdir(folder)):
+        s3.upload_file(os.path.join(folder, name), s3_server.bucket, f"unit/pt/{name}")
+    shards = json.loads(open(os.path.join(folder, "index.json")).read())["shards"]
+    return {"folder": folder, "url": s3_server.url("unit", "pt"), "largest": max(s["raw_data"]["bytes"] for s in shards)}
+
+
+def _config(tiny_tokenizer_path, tmp_path, datasets: str, limit: int, workers: int = 0):
+    from pipeline.config import load_config
+
+    return load_config("tiny_pt", [f"model.tokenizer={tiny_tokenizer_path}", f"data.datasets={datasets}",
+                                   f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_limit={limit}b",
+                                   f"data.num_workers={workers}", "data.predownload=2"])
+
+
+def test_a_cache_limit_refuses_mixed_phases_and_too_few_shards_per_reader(small_shards, tiny_tokenizer_path, tmp_path,
+                                                                          s3_env, monkeypatch):
+    from pipeline.data.dataset import build_dataset
+
+    mixed = f"[{{path: {small_shards['folder']}}}, {{remote: {small_shards['url']}}}]"
+    with pytest.raises(ConfigError, match=r"mixes local folders \(pt\) with remote datasets"):
+        build_dataset(_config(tiny_tokenizer_path, tmp_path, mixed, 64 * small_shards["largest"]), "", check=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    remote = f"[{{remote: {small_shards['url']}}}]"
+    needed = 14 * small_shards["largest"]        # one rank with two loader workers: 2 x (2 x predownload 2 + 3)
+    with pytest.raises(ConfigError, match=rf"2 reading process\(es\) per node.*at least {needed} bytes"):
+        build_dataset(_config(tiny_tokenizer_path, tmp_path, remote, needed - 1, workers=2), "", check=False)
+    dataset = build_dataset(_config(tiny_tokenizer_path, tmp_path, remote, needed, workers=2), "", check=False)
+    assert dataset.cache_limit == needed
+
+
+def test_a_remote_epoch_through_a_cache_of_seven_shards_evicts_and_reads_every_sample(small_shards, tiny_tokenizer_path,
+                                                                                     tmp_path, s3_env):
+    from pipeline.data.dataset import build_dataset
+
+    limit = 7 * small_shards["largest"]                          # one reader, predownload 2: 2 x 2 + 3 shards
+    local = build_dataset(_config(tiny_tokenizer_path, tmp_path, f"[{{path: {small_shards['folder']}}}]", limit), "",
+                          check=False)
+    expected = [s["id"] for s in local]
+    remote = build_dataset(_config(tiny_tokenizer_path, tmp_path, f"[{{remote: {small_shards['url']}}}]", limit), "",
+                           check=False)
+    cache = tmp_path / "cache"
+    seen, most = [], 0
+    for sample in remote:
+        seen.append(sample["id"])
+        most = max(most, sum(p.stat().st_size for p in cache.rglob("shard.*.mds")))
+    assert seen == expected and len(set(seen)) == 48               # every sample, in the local folder's order
+    assert 0 < most <= limit < sum(p.stat().st_size for p in Path(small_shards["folder"]).glob("shard.*.mds"))
+    assert len(list(cache.rglob("shard.*.mds"))) < len(list(Path(small_shards["folder"]).glob("shard.*.mds")))

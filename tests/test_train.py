@@ -5,17 +5,16 @@ Runs are shared between tests (each costs a process launch):
 * A  — PT, 6 steps straight, 2 ranks (probe: engine logits at the end) — the reference. Two data
   phases: "squares" (``a {colour} square`` captions) for steps 1-3, then "colours" (``{colour}``
   captions, a seeded subset of 8 samples: one epoch per step) from step 4, under one LR schedule;
-* B  — the same recipe, SIGTERM mid-run → checkpoint + exit 0;  C — ``--resume auto`` in B's folder
-  (a damaged newer checkpoint is planted first), must reproduce A step for step;
+* B  — the same recipe with both datasets in an S3 bucket (moto on 127.0.0.1), streamed through a small
+  evicting cache, SIGTERM mid-run → checkpoint + exit 0;  C — ``--resume auto`` in B's folder on an emptied
+  cache (a damaged newer checkpoint is planted first): A's losses, data and weights, and no secret on disk;
 * F  — 1 rank resuming A's 2-rank step-2 checkpoint (universal conversion) across the phase switch to
   step 4;  G — 2 ranks again from F's checkpoint (loader state inside phase "colours"); both must give
   A's losses, G also A's data digests;
 * H  — SFT from A's export (a third of its samples text-only), with a non-finite loss injected on one step;
-* S  — A's recipe with both datasets in an S3 bucket (moto on 127.0.0.1), streamed through a small
-  evicting cache, stopped at step 3 and resumed on an emptied cache: A's losses, data and weights, and
-  no secret on disk;  two nodes — the same from ``slurm/pretrain.sbatch`` on two "nodes" of one rank.
+* two nodes — B's recipe from ``slurm/pretrain.sbatch`` on two "nodes" of one rank each, USR1 → requeue.
 
-The datasets are written in small shards (4 KiB) so that a cache of four shards must evict.
+The datasets are written in small shards (2 KiB): a cache of a few shards holds only part of them.
 """
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ pytestmark = pytest.mark.slow
 PT = ["--config", "tiny_pt", "--set", "train.total_steps=6", "--set", "train.save_every=2",
       "--set", "train.keep_last=3", "--set", "train.log_every=1"]
 SWITCH = 3          # the "colours" phase starts at optimizer step 3 (0-based): metrics step 4
-SHARD_SIZE = 1 << 12
+SHARD_SIZE = 1 << 11
 METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb",
                  "data_wait_share", "target_tokens", "data_digest", "skipped"}
 
@@ -153,36 +152,6 @@ def _sigterm_when_step(proc: subprocess.Popen, out: Path, step: int, timeout: fl
     raise AssertionError("the run never reached the step to interrupt")
 
 
-def test_sigterm_checkpoints_and_resume_auto_reproduces_the_straight_run(run_a, world):
-    import os
-
-    from dist_utils import free_port
-
-    out = world["root"] / "B"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "pipeline.train"] + PT + world["pt"] + ["--output-dir", str(out)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _sigterm_when_step(proc, out, 2)
-    log, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, log[-8000:]
-    stopped = max(losses(out))
-    assert stopped < 6 and ckpt.latest_complete(out).name == ckpt.step_tag(stopped), log[-4000:]
-
-    # a newer checkpoint damaged mid-write (no COMPLETE marker, a truncated shard) must be passed over
-    damaged = ckpt.checkpoints_root(out) / ckpt.step_tag(stopped + 1)
-    shutil.copytree(ckpt.latest_complete(out), damaged)
-    (damaged / ckpt.COMPLETE).unlink()
-    shard = next(damaged.glob("*optim_states.pt"))
-    shard.write_bytes(shard.read_bytes()[:100])
-
-    _, proc = train(world, "B", PT + world["pt"] + ["--resume", "auto"], env={"WANDB_MODE": "disabled"})
-    assert proc.returncode == 0, show(proc)
-    assert min(s for s in losses(out) if s > stopped) == stopped + 1
-    assert losses(out) == pytest.approx(losses(run_a), rel=1e-6, abs=1e-6)
-    assert digests(out) == digests(run_a)
-
-
 def test_resume_on_one_rank_across_the_phase_switch_and_back_on_two_gives_the_same_run(run_a, world):
     a = losses(run_a)
     from_a = ckpt.checkpoints_root(run_a) / ckpt.step_tag(2)
@@ -274,46 +243,66 @@ def test_zero2_single_process_run_exports_a_loadable_model(world):
 
 @pytest.fixture(scope="module")
 def bucket(world, s3_server) -> dict:
-    """Run A's two datasets uploaded to the S3 bucket: {"squares": URL, "colours": URL, "shards": [bytes]}."""
+    """Run A's two datasets uploaded to the S3 bucket: {phase: URL}, and {phase: [shard bytes]} as "shards"."""
     import json
 
-    s3, urls, shard_bytes = s3_server.client(), {}, []
+    s3, urls, shards = s3_server.client(), {}, {}
     for phase, key in (("squares", "pt"), ("colours", "colours")):
         folder = Path(world["folders"][key])
         for path in sorted(folder.iterdir()):
             s3.upload_file(str(path), s3_server.bucket, f"train/{key}/{path.name}")
         urls[phase] = s3_server.url("train", key)
-        shard_bytes += [s["raw_data"]["bytes"] for s in json.loads((folder / "index.json").read_text())["shards"]]
-    return {**urls, "shards": shard_bytes}
+        shards[phase] = [s["raw_data"]["bytes"] for s in json.loads((folder / "index.json").read_text())["shards"]]
+    return {**urls, "shards": shards}
 
 
 def remote_args(world, bucket) -> list[str]:
     return PT + world["tokenizer"] + ["--set", pt_phases("remote", bucket["squares"], bucket["colours"])]
 
 
-def test_training_streams_from_a_bucket_through_an_evicting_cache_and_resumes_exactly(run_a, world, s3_server,
-                                                                                       bucket):
-    shard_bytes = bucket["shards"]
-    limit = 4 * max(shard_bytes)                                 # streaming's smallest allowed cache
-    assert len(shard_bytes) >= 8 and limit < sum(shard_bytes)
-    cache = world["root"] / "S-cache"
-    args = remote_args(world, bucket) + ["--set", f"data.cache_dir={cache}", "--set", f"data.cache_limit={limit}b"]
-    env = {**s3_server.env(), "WANDB_MODE": "offline"}
-    out, first = train(world, "S", args + ["--stop-at-step", "3"], env=env)
-    assert first.returncode == 0, show(first)
-    assert sorted(losses(out)) == [1, 2, 3]
-    shutil.rmtree(cache)                                         # resumed on a node with an empty cache
-    _, second = train(world, "S", args + ["--resume", "auto"], env=env)
-    assert second.returncode == 0, show(second)
+def test_sigterm_while_streaming_from_a_bucket_checkpoints_and_resume_auto_reproduces_the_local_run(
+        run_a, world, s3_server, bucket):
+    import os
 
-    assert digests(out) == digests(run_a)                        # the same samples, step for step
+    from dist_utils import free_port
+
+    from pipeline.data.remote import cache_folder
+
+    squares = bucket["shards"]["squares"]
+    limit = 14 * max(max(b) for b in bucket["shards"].values())   # 2 ranks x (2 x predownload 2 + 3) shards
+    assert len(squares) >= 24 and limit < sum(squares)
+    out, cache = world["root"] / "B", world["root"] / "B-cache"
+    args = remote_args(world, bucket) + ["--set", f"data.cache_dir={cache}", "--set", f"data.cache_limit={limit}b",
+                                         "--set", "data.predownload=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "pipeline.train"] + args + ["--output-dir", str(out)]
+    env = {**os.environ, **s3_server.env(), "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _sigterm_when_step(proc, out, 2)
+    log, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, log[-8000:]
+    stopped = max(losses(out))
+    assert stopped < 6 and ckpt.latest_complete(out).name == ckpt.step_tag(stopped), log[-4000:]
+    cached = [p.stat().st_size for p in Path(cache_folder(bucket["squares"], str(cache))).glob("shard.*.mds")]
+    assert 0 < sum(cached) <= limit and len(cached) < len(squares), "the cache outgrew its limit"
+
+    # a newer checkpoint damaged mid-write (no COMPLETE marker, a truncated shard) must be passed over
+    damaged = ckpt.checkpoints_root(out) / ckpt.step_tag(stopped + 1)
+    shutil.copytree(ckpt.latest_complete(out), damaged)
+    (damaged / ckpt.COMPLETE).unlink()
+    shard = next(damaged.glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+
+    shutil.rmtree(cache)                                         # resumed on a node with an empty cache
+    _, second = train(world, "B", args + ["--resume", "auto"], env={**s3_server.env(), "WANDB_MODE": "offline"})
+    assert second.returncode == 0, show(second)
+    assert min(s for s in losses(out) if s > stopped) == stopped + 1
+    assert digests(out) == digests(run_a)                        # the local folders' samples, step for step
     assert losses(out) == pytest.approx(losses(run_a), rel=1e-6, abs=1e-6)
     assert (out / "export" / "model.safetensors").read_bytes() == (run_a / "export" / "model.safetensors").read_bytes()
-    cached = [p.stat().st_size for p in cache.rglob("shard.*.mds")]
-    assert 0 < sum(cached) <= limit and len(cached) < len(shard_bytes), "the cache was not bounded by evicting"
     secret = s3_server.secret_key.encode()
     leaked = [p for p in out.rglob("*") if p.is_file() and secret in p.read_bytes()]
-    assert not leaked and secret.decode() not in first.stdout + first.stderr + second.stdout + second.stderr, leaked
+    assert not leaked and secret.decode() not in log + second.stdout + second.stderr, leaked
 
 
 def test_a_wrong_secret_is_one_clear_error_before_any_distributed_work(world, s3_server, bucket, tmp_path):

@@ -182,18 +182,70 @@ def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: I
 
         image_processor = ImageProcessor(size.image_size)
     limited = any(s.samples is not None for s in sources)
-    dataset = AKIStreamingDataset(
-        image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
-        streams=[s.stream() for s in sources], batch_size=config.train.micro_batch_size,
-        shuffle=config.data.shuffle, shuffle_seed=config.data.shuffle_seed,
-        sampling_method="fixed" if limited else "balanced", cache_limit=config.data.cache_limit,
-        num_canonical_nodes=config.data.num_canonical_nodes)
+    cache_limit = _phase_cache_limit(sources, config.data, phase.name)
+    try:
+        dataset = AKIStreamingDataset(
+            image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
+            streams=[s.stream() for s in sources], batch_size=config.train.micro_batch_size,
+            shuffle=config.data.shuffle, shuffle_seed=config.data.shuffle_seed,
+            sampling_method="fixed" if limited else "balanced", cache_limit=cache_limit,
+            predownload=config.data.predownload, num_canonical_nodes=config.data.num_canonical_nodes)
+    except ValueError as err:
+        if cache_limit and "cache" in str(err).lower():         # streaming's own cache-limit checks
+            raise ConfigError(f"config `data.cache_limit` ({cache_limit}): {err}") from None
+        raise
+    _check_cache_limit(dataset, config.data)
     for source, available in zip(sources, dataset.samples_per_stream.tolist()):
         if source.samples is not None and source.samples > available:
             raise ConfigError(f"data phase {phase.name!r}: stream {source.name!r} ({source.remote or source.local}) "
                               f"holds {available} samples, fewer than its `samples` ({source.samples}); lower "
                               "`samples` or drop it")
     return dataset
+
+
+def _phase_cache_limit(sources: Sequence[StreamSource], data: DataConfig, phase: str) -> str | None:
+    """``data.cache_limit`` for a phase of remote streams; None for a phase of local folders.
+
+    To make room for a download, streaming evicts the least recently read shard of *any* stream of the
+    dataset, a local folder's included (which could not be downloaded again), so a phase mixing both
+    under a limit is refused.
+    """
+    remote = [s.remote is not None for s in sources]
+    if not data.cache_limit or not any(remote):
+        return None
+    if not all(remote):
+        local = [s.name for s in sources if s.remote is None]
+        raise ConfigError(f"data phase {phase!r} mixes local folders ({', '.join(local)}) with remote datasets "
+                          "under `data.cache_limit`: the cache would evict the local folders' own shards; "
+                          "upload them too, or drop `data.cache_limit`")
+    return data.cache_limit
+
+
+def cache_shards_needed(readers: int, predownload: int) -> int:
+    """The fewest shards a node's cache must hold for ``readers`` processes each ``predownload`` samples ahead.
+
+    streaming evicts the least recently used shard; a reader's window of samples between the one it
+    yields and the one it downloads spans up to ``predownload + 1`` shards (shuffled samples come from
+    different shards), and as many more may have been read since the oldest of them was downloaded. A
+    cache that cannot hold both can evict a shard still waited for, and streaming then waits for it
+    forever. One more shard is the download in progress.
+    """
+    return readers * (2 * (predownload + 1) + 1)
+
+
+def _check_cache_limit(dataset: StreamingDataset, data: DataConfig) -> None:
+    """Refuse a ``data.cache_limit`` too small for the node's readers (ranks x loader workers)."""
+    if not dataset.cache_limit:
+        return
+    readers = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * max(1, data.num_workers)
+    shards = cache_shards_needed(readers, dataset.predownload)
+    largest = int(dataset.max_shard_size_across_all_streams)
+    if dataset.cache_limit < shards * largest:
+        raise ConfigError(f"config `data.cache_limit` ({dataset.cache_limit} bytes) is too small for {readers} "
+                          f"reading process(es) per node (ranks x max(1, data.num_workers)), each "
+                          f"{dataset.predownload} samples ahead (data.predownload): give at least "
+                          f"{shards * largest} bytes ({shards} x the largest shard, {largest} bytes), lower "
+                          "`data.predownload` or `data.num_workers`, or set no limit")
 
 
 def build_collator(config: Config, pad_id: int) -> Collator:
