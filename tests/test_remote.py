@@ -172,3 +172,19 @@ def test_a_remote_epoch_through_a_cache_of_seven_shards_evicts_and_reads_every_s
     assert seen == expected and len(set(seen)) == 48               # every sample, in the local folder's order
     assert 0 < most <= limit < sum(p.stat().st_size for p in Path(small_shards["folder"]).glob("shard.*.mds"))
     assert len(list(cache.rglob("shard.*.mds"))) < len(list(Path(small_shards["folder"]).glob("shard.*.mds")))
+
+
+def test_the_trainer_stops_on_a_wrong_secret_with_one_error_before_any_distributed_work(small_shards, tiny_tokenizer_path,
+                                                                                       tmp_path, s3_env, monkeypatch,
+                                                                                       capsys):
+    from pipeline import train
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    code = train.main(["--config", "tiny_pt", "--set", f"model.tokenizer={tiny_tokenizer_path}",
+                       "--set", f"data.datasets=[{{remote: {small_shards['url']}}}]",
+                       "--set", f"data.cache_dir={tmp_path / 'cache'}", "--output-dir", str(tmp_path / "run")])
+    out = capsys.readouterr()
+    assert code == 2 and out.err.count("error:") == 1 and "access denied" in out.err, out.err
+    assert "AWS_SECRET_ACCESS_KEY" in out.err and "wrong-secret" not in out.err + out.out
+    assert s3_env.secret_key not in out.err + out.out
+    assert not (tmp_path / "run").exists()                     # nothing started: no run folder, no rank

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "slurm"
 SETUP = SLURM_DIR / "ci" / "setup_local_slurm.sh"
 PRETRAIN = SLURM_DIR / "pretrain.sbatch"
+PREP_PRETRAIN = SLURM_DIR / "prep_pretrain.sbatch"
 SCRIPTS = sorted([*SLURM_DIR.glob("*.sbatch"), *SLURM_DIR.glob("*.sh"), *SLURM_DIR.glob("ci/*.sh")])
 # Variables the scripts read but the user does not set (SLURM's own, or the environment's).
 NOT_USER_SETTINGS = re.compile(r"SLURM_\w+|PYTHONPATH|CUDA_VISIBLE_DEVICES|BASH_SOURCE")
@@ -94,7 +95,7 @@ def tiny_pt_data(tmp_path_factory, tiny_tokenizer_path) -> dict[str, str]:
     out = str(root / "pt")
     assert build_pretrain([world.kale], out, "kale", EncodeSettings(str(tiny_tokenizer_path), "tiny", 128),
                           workers=1) is not None
-    return {"data": out, "tokenizer": str(tiny_tokenizer_path)}
+    return {"data": out, "tokenizer": str(tiny_tokenizer_path), "kale": world.kale}
 
 
 def _submit(workdir: Path, run_dir: Path, data: dict[str, str], wait: bool) -> str:
@@ -213,3 +214,47 @@ def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slur
     reference, _ = _records(uninterrupted_run["run_dir"])
     assert all(r["data_digest"] for r in steps)
     assert [r["data_digest"] for r in steps] == [r["data_digest"] for r in reference]
+
+
+@pytest.mark.slow
+def test_prep_array_job_uploads_its_parts_and_the_merge_job_merges_them_in_the_bucket(slurm, tiny_pt_data, s3_server,
+                                                                                         tmp_path):
+    """slurm/prep_pretrain.sbatch as a 2-task array into s3://: each task converts its tar ranges into the
+    bucket, the lowest submits the merge job, which merges the parts' indexes there."""
+    from data_prep.pretrain import build_pretrain
+    from data_prep.writer import EncodeSettings
+
+    local = tmp_path / "local"
+    build_pretrain([tiny_pt_data["kale"]], str(local), "kale", EncodeSettings(tiny_pt_data["tokenizer"], "tiny", 128),
+                   workers=1, tars_per_part=1)
+    env = {**os.environ, **s3_server.env(), "PT_INPUTS": tiny_pt_data["kale"], "PT_OUT": s3_server.url("slurm", "kale"),
+           "TOKENIZER": tiny_pt_data["tokenizer"], "MODEL_SIZE": "tiny", "TARS_PER_PART": "1",
+           "PREP_ARGS": "--max-text-tokens 128", "AKI_PYTHON": sys.executable}
+    done = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--chdir={tmp_path}",
+                           f"--output={tmp_path}/prep-%A_%a.out", str(PREP_PRETRAIN)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    array = done.stdout.strip().split(";")[0]
+
+    def logs() -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.out")))
+
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    try:
+        while not (merge := re.search(r"index merge: job (\d+)", logs())):      # the lowest task submits it
+            assert time.monotonic() < deadline, f"array job {array}: no merge job submitted\n{logs()[-5000:]}"
+            time.sleep(0.3)
+        # the merge job starts after every array task succeeded (afterok), and is cancelled if one failed
+        while (info := _job(merge.group(1))).get("JobState") in ("PENDING", "RUNNING", "COMPLETING", None):
+            assert time.monotonic() < deadline, f"merge job did not finish: {info}\n{logs()[-5000:]}"
+            time.sleep(0.3)
+    finally:
+        _cancel(array)
+    assert info.get("JobState") == "COMPLETED", f"{info}\n{logs()[-5000:]}"
+
+    s3 = s3_server.client()
+    in_bucket = {key[len("slurm/kale/"):]: s3.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
+                 for key in s3_server.keys("slurm/kale/")}
+    expected = {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    assert {"index.json", "manifest.json", "part-00003/_DONE"} <= set(expected)
+    assert in_bucket == expected                      # every part, the merged index and manifest, byte for byte
