@@ -69,7 +69,8 @@ def start_s3_server(timeout: float = 60) -> S3Server:
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
     assert os.path.exists(exe), f"{exe} not found: install the test extras (pip install -e '.[test]': moto[server])"
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_SETUP_CALLS)})
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_SETUP_CALLS)})
     deadline = time.monotonic() + timeout
     while True:
         try:

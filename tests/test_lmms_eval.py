@@ -130,6 +130,7 @@ def test_paper_table_from_lmms_eval_on_local_tasks(tmp_path, tiny_export, local_
                      *[a for t, local in mapping.items() for a in ("--task", f"{t}={local}")]])
     printed = capsys.readouterr()
     assert rc == 1, printed.err[-3000:]                 # the RealWorldQA copy crashed
+    assert list((out / "submissions").glob("mmbench_*"))    # MMBench's submission files, in the output folder
     # lmms-eval's own result files, with each task's metrics
     metrics = {}
     for task in ("local_mme", "local_mmbench", "local_pope_random", "local_pope_pop", "local_pope_adv",

@@ -127,7 +127,8 @@ def small_shards(tmp_path_factory, tiny_tokenizer, s3_server) -> dict:
     for name in sorted(os.listdir(folder)):
         s3.upload_file(os.path.join(folder, name), s3_server.bucket, f"unit/pt/{name}")
     shards = json.loads(open(os.path.join(folder, "index.json")).read())["shards"]
-    return {"folder": folder, "url": s3_server.url("unit", "pt"), "largest": max(s["raw_data"]["bytes"] for s in shards)}
+    largest = max(s["raw_data"]["bytes"] for s in shards)
+    return {"folder": folder, "url": s3_server.url("unit", "pt"), "largest": largest}
 
 
 def _config(tiny_tokenizer_path, tmp_path, datasets: str, limit: int, workers: int = 0):
@@ -174,9 +175,8 @@ def test_a_remote_epoch_through_a_cache_of_seven_shards_evicts_and_reads_every_s
     assert len(list(cache.rglob("shard.*.mds"))) < len(list(Path(small_shards["folder"]).glob("shard.*.mds")))
 
 
-def test_the_trainer_stops_on_a_wrong_secret_with_one_error_before_any_distributed_work(small_shards, tiny_tokenizer_path,
-                                                                                       tmp_path, s3_env, monkeypatch,
-                                                                                       capsys):
+def test_the_trainer_stops_on_a_wrong_secret_with_one_error_before_any_distributed_work(
+        small_shards, tiny_tokenizer_path, tmp_path, s3_env, monkeypatch, capsys):
     from pipeline import train
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")

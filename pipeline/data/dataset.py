@@ -3,8 +3,9 @@
 ``streaming.StreamingDataset`` does the heavy lifting: one ``Stream(local=folder, proportion=p)`` per
 dataset folder (``Stream(remote=s3://..., local=cache)`` for a dataset in object storage, downloaded into
 a per-node cache that ``data.cache_limit`` bounds by evicting shards), deterministic shuffling from a seed
-(the same order on any number of ranks), sharding over ranks and workers, and a resumable position. :class:`AKIStreamingDataset` only decodes each stored
-sample (JPEG bytes → ``pixel_values`` with the model's image processor), and
+(the same order on any number of ranks), sharding over ranks and workers, and a resumable position.
+:class:`AKIStreamingDataset` only decodes each stored sample (JPEG bytes → ``pixel_values`` with the
+model's image processor), and
 :class:`AKIDataLoader` (a ``StreamingDataLoader``) collates with :class:`pipeline.data.collate.Collator`
 and counts consumed samples, so ``state_dict()`` / ``load_state_dict()`` resume at the exact sample.
 

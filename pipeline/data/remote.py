@@ -169,5 +169,5 @@ def fetch(path: str, folder: str) -> str:
     return download(path, os.path.join(folder, posixpath.basename(urllib.parse.urlparse(path).path)))
 
 
-__all__ = ["CREDENTIALS_HINT", "RemoteError", "cache_folder", "check_bucket", "download", "exists", "fetch", "is_remote", "join",
-           "staging_folder", "upload"]
+__all__ = ["CREDENTIALS_HINT", "RemoteError", "cache_folder", "check_bucket", "download", "exists", "fetch",
+           "is_remote", "join", "staging_folder", "upload"]

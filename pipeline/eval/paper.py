@@ -130,7 +130,9 @@ def run_tasks(tasks: Sequence[str], model_args: str, out: str, include_path: str
     """One lmms-eval evaluation per task (its evaluator, task definitions and result writer), the task
     index built once; a task that raises is logged and the next one runs. Each rank runs this (lmms-eval
     gives every rank its shard); rank 0 writes ``OUT/lmms_eval/<task>/<model>/<date>_results.json`` and
-    the samples."""
+    the samples. The tasks run inside ``out``: files lmms-eval writes to the working directory (MMBench's
+    ``submissions/`` for the official server) land there, not wherever the command was started."""
+    import contextlib
     import traceback
 
     from lmms_eval import evaluator
@@ -138,14 +140,16 @@ def run_tasks(tasks: Sequence[str], model_args: str, out: str, include_path: str
     from lmms_eval.tasks import TaskManager
     from lmms_eval.utils import get_datetime_str
 
+    include_path = os.path.abspath(include_path) if include_path else None
     task_manager = TaskManager("INFO", include_path=include_path, model_name="aki")
     for task in tasks:
         tracker = EvaluationTracker(output_path=os.path.join(out, RESULTS_DIR, task))
         stamp = get_datetime_str()
         try:
-            results = evaluator.simple_evaluate(
-                model="aki", model_args=model_args, tasks=[task], batch_size=batch_size, limit=limit,
-                log_samples=True, evaluation_tracker=tracker, task_manager=task_manager, datetime_str=stamp)
+            with contextlib.chdir(out):
+                results = evaluator.simple_evaluate(
+                    model="aki", model_args=model_args, tasks=[task], batch_size=batch_size, limit=limit,
+                    log_samples=True, evaluation_tracker=tracker, task_manager=task_manager, datetime_str=stamp)
         except Exception:       # noqa: BLE001 — one broken task must not stop the table
             traceback.print_exc()
             print(f"lmms-eval task {task} crashed (traceback above)", file=sys.stderr)
