@@ -180,7 +180,8 @@ class DeepSpeedEngine:
     """The trainer's engine and micro-batch loop, built from a recipe (random weights, no downloads)."""
 
     def __init__(self, args: argparse.Namespace, first: Run):
-        from pipeline.config import fill_deepspeed_config, training_dtype
+        from pipeline.config import training_dtype
+        from pipeline.ds_config import fill_deepspeed_config
         from pipeline.distributed import setup_distributed
         from pipeline.train import build_engine
         from pipeline.zero3 import build_partitioned, register_zero_config

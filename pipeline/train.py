@@ -38,9 +38,9 @@ from typing import Any, Callable
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import (Config, ConfigError, fill_deepspeed_config, load_config, offloads_optimizer,
-                             save_config, validate_launch)
+from pipeline.config import Config, ConfigError, load_config, save_config, validate_launch
 from pipeline.distributed import setup_distributed
+from pipeline.ds_config import fill_deepspeed_config, offloads_optimizer
 from pipeline.flops import BatchShape, count_model, step_flops, visible_pairs
 from pipeline.metrics import MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
 from pipeline.tokens import PAD

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from pipeline.config import (RECIPES_DIR, REPO_ROOT, ConfigError, fill_deepspeed_config, grad_accum_steps,
-                             load_config, offloads_optimizer, save_config, validate_launch)
+from pipeline.config import (RECIPES_DIR, REPO_ROOT, ConfigError, grad_accum_steps, load_config, save_config,
+                             validate_launch)
+from pipeline.ds_config import fill_deepspeed_config, offloads_optimizer
 
 ALL_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 DS_JSONS = sorted((REPO_ROOT / "ds_configs").glob("*.json"))
