@@ -3,9 +3,10 @@
 The SLURM tests need a running cluster. Where there is none they start a one-node SLURM on this machine
 with slurm/ci/setup_local_slurm.sh (Debian packages; needs root and apt-get) and are skipped, with the
 reason, only where that is impossible. They submit the real ``slurm/pretrain.sbatch`` with the tiny CPU
-recipe (two CPU ranks through srun + torchrun): once to completion with ``sbatch --wait``, and once with
-a USR1 sent to the batch shell mid-training, which must save, requeue the job and resume it to the end
-with every optimizer step trained exactly once, on the same data as the uninterrupted run.
+recipe (two CPU ranks through srun + torchrun) with a USR1 sent to the batch shell mid-training, which
+must save, requeue the job and resume it to the end with every optimizer step trained exactly once (that
+a resume reads the same data as a straight run is checked in tests/test_train.py, also through this
+script's requeue path on two nodes), and the prep array job into an S3 bucket.
 """
 from __future__ import annotations
 
@@ -98,24 +99,17 @@ def tiny_pt_data(tmp_path_factory, tiny_tokenizer_path) -> dict[str, str]:
     return {"data": out, "tokenizer": str(tiny_tokenizer_path), "kale": world.kale}
 
 
-def _submit(workdir: Path, run_dir: Path, data: dict[str, str], wait: bool) -> str:
+def _submit(workdir: Path, run_dir: Path, data: dict[str, str]) -> str:
     """Submit slurm/pretrain.sbatch (tiny_pt on two CPU ranks); returns the job id."""
     env = {**os.environ, "RECIPE": "tiny_pt", "OUTPUT_DIR": str(run_dir), "AKI_PYTHON": sys.executable,
            "CPU_PROCS_PER_NODE": "2", "WANDB_MODE": "disabled"}
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), "--gpus-per-node=0", "--cpus-per-task=2",
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2",
            f"--chdir={workdir}", f"--output={workdir}/pretrain-%j.out", str(PRETRAIN),
            "--set", f"data.datasets=[{{path: {data['data']}}}]", "--set", f"model.tokenizer={data['tokenizer']}",
            "--set", f"train.total_steps={STEPS}", "--set", f"train.save_every={10 * STEPS}"]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        job = (err.stdout or b"").decode().strip().split(";")[0]
-        _cancel(job)
-        pytest.fail(f"sbatch --wait did not return within {JOB_TIMEOUT_S} s:\n{_log(workdir, job)[-5000:]}")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     job = done.stdout.strip().split(";")[0]
     assert job, f"sbatch printed no job id: {done.stderr}"
-    if wait:
-        assert done.returncode == 0, f"job {job} failed (sbatch rc {done.returncode}):\n{_log(workdir, job)[-5000:]}"
     return job
 
 
@@ -147,34 +141,10 @@ def _complete_checkpoints(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if (p / "COMPLETE").is_file())
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_run(slurm, tiny_pt_data, tmp_path_factory) -> dict:
-    workdir = tmp_path_factory.mktemp("slurm_run")
-    run_dir = workdir / "run"
-    job = _submit(workdir, run_dir, tiny_pt_data, wait=True)
-    return {"job": job, "workdir": workdir, "run_dir": run_dir}
-
-
 @pytest.mark.slow
-def test_pretrain_job_trains_to_the_end_and_saves_a_checkpoint(uninterrupted_run):
-    job, workdir, run_dir = uninterrupted_run["job"], uninterrupted_run["workdir"], uninterrupted_run["run_dir"]
-    info, log = _job(job), _log(workdir, job)
-    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{log}"
-    steps, _ = _records(run_dir)
-    assert [r["step"] for r in steps] == list(range(1, STEPS + 1)), log
-    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in steps)
-    assert _complete_checkpoints(run_dir) == [STEPS]
-    # Two ranks ran under torchrun: rank-prefixed console lines and one log folder per rank.
-    assert "launch: 1 node(s) x 2 process(es)" in log and "[rank0]:" in log, log
-    rank_logs = {p.parent.name for p in (run_dir / "logs" / f"job-{job}" / "node0").rglob("stderr.log")}
-    assert rank_logs == {"0", "1"}, log
-
-
-@pytest.mark.slow
-def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slurm, tiny_pt_data, uninterrupted_run,
-                                                                              tmp_path):
+def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slurm, tiny_pt_data, tmp_path):
     run_dir = tmp_path / "run"
-    job = _submit(tmp_path, run_dir, tiny_pt_data, wait=False)
+    job = _submit(tmp_path, run_dir, tiny_pt_data)
     try:
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while len(_records(run_dir)[0]) < 2:                 # mid-training: a few steps done, most to go
@@ -210,10 +180,11 @@ def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slur
     resumed = [e["step"] for e in events if e["event"] == "resumed"]
     assert len(resumed) == 1 and 2 <= resumed[0] < STEPS, f"resumed at {resumed}\n{log}"
     assert resumed[0] in _complete_checkpoints(run_dir) and STEPS in _complete_checkpoints(run_dir)
-    # The same batches as the uninterrupted run, step for step: nothing skipped or seen twice.
-    reference, _ = _records(uninterrupted_run["run_dir"])
-    assert all(r["data_digest"] for r in steps)
-    assert [r["data_digest"] for r in steps] == [r["data_digest"] for r in reference]
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 and r["data_digest"] for r in steps)
+    # Two ranks ran under torchrun: rank-prefixed console lines and one log folder per rank.
+    assert "launch: 1 node(s) x 2 process(es)" in log and "[rank0]:" in log, log
+    rank_logs = {p.parent.name for p in (run_dir / "logs" / f"job-{job}" / "node0").rglob("stderr.log")}
+    assert rank_logs == {"0", "1"}, log
 
 
 @pytest.mark.slow
