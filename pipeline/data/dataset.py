@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -28,7 +29,8 @@ from pipeline.config import (Config, DataConfig, DataPhase, DatasetSource, data_
                              training_dtype)
 from pipeline.data import remote as storage
 from pipeline.data.collate import SKIP_KEY, Collator
-from pipeline.data.format import MANIFEST_NAME, Manifest, check_manifest, image_lengths, read_manifest, split_images
+from pipeline.data.format import (MANIFEST_NAME, Manifest, check_manifest, image_lengths, read_manifest,
+                                  split_images)
 from pipeline.data.mixture import load_mixture
 from pipeline.model.sizes import get_model_size
 from pipeline.recipes import ConfigError, parse_proportion
@@ -65,7 +67,7 @@ def resolve_sources(data: DataPhase | DataConfig, cache_dir: str | None = None) 
     if data.mixture is not None:
         path = data.mixture if storage.is_remote(data.mixture) else str(resolve_path(data.mixture))
         try:
-            local_path = storage.fetch(path, storage.cache_folder(path, cache_dir))
+            local_path = storage.fetch(path, storage.cache_folder(posixpath.dirname(path), cache_dir))
             entries = load_mixture(local_path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"config `data.mixture`: cannot read {path}: {e}") from None
@@ -90,12 +92,13 @@ def _dataset_source(s: DatasetSource, cache_dir: str | None) -> StreamSource:
         return StreamSource(s.name or os.path.basename(os.path.normpath(s.path)), str(resolve_path(s.path)),
                             s.proportion, samples=s.samples)
     local = str(resolve_path(s.local)) if s.local else storage.cache_folder(s.remote, cache_dir)
-    return StreamSource(s.name or s.remote.rstrip("/").rsplit("/", 1)[-1], local, s.proportion, s.remote, s.samples)
+    name = s.name or posixpath.basename(s.remote.rstrip("/"))
+    return StreamSource(name, local, s.proportion, s.remote, s.samples)
 
 
 def _beside(source: StreamSource, mixture_url: str, fetched_dir: str, cache_dir: str | None) -> StreamSource:
     """A stream of a mixture read from a bucket: its folder is relative to the mixture's URL."""
-    url = storage.join(mixture_url.rsplit("/", 1)[0], os.path.relpath(source.local, fetched_dir))
+    url = storage.join(posixpath.dirname(mixture_url), os.path.relpath(source.local, fetched_dir))
     return dataclasses.replace(source, remote=url, local=storage.cache_folder(url, cache_dir))
 
 
