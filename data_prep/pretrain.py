@@ -28,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import tempfile
 from typing import Callable
 
 from tqdm import tqdm
@@ -215,41 +216,44 @@ def merge_parts(out: str, folders: list[str], staging: str | None = None) -> Man
     """Merge the parts' MDS indexes into ``out/index.json`` and their manifests into one.
 
     For an ``s3://`` ``out`` the parts are URLs: their indexes and manifests are read from the bucket and
-    the merged ones uploaded beside them (written to ``staging`` first).
+    the merged ones uploaded beside them. Two jobs may merge at once (array tasks that finish together,
+    then the merge job): each works in a private temporary folder (under ``out``, or under ``staging`` for
+    a bucket) and replaces the index, then the manifest, each in one step (a rename or one upload).
     """
     from streaming.base.util import merge_index
 
-    local_out = staging if storage.is_remote(out) else out
-    assert local_out is not None, f"{out}: a remote output needs a local staging folder"
-    os.makedirs(local_out, exist_ok=True)
-    merged_index = os.path.join(local_out, "index.json")
-    if os.path.exists(merged_index):     # derived from the parts: a re-run over finished parts rewrites it
-        os.remove(merged_index)
-    logging.disable(logging.WARNING)     # merge_index warns about its temporary folder on every call
-    try:
-        merge_index([storage.join(f, "index.json") for f in folders],
-                    (local_out, out) if storage.is_remote(out) else out, keep_local=True)
-    finally:
-        logging.disable(logging.NOTSET)
-    merged: Manifest | None = None
-    examples: dict[str, list[str]] = {}
-    for folder in folders:
-        part_staging = os.path.join(local_out, os.path.basename(folder.rstrip("/")))
-        part = read_manifest(fetch_folder_file(folder, MANIFEST_NAME, part_staging))
-        for reason, ids in part.extra.pop("skipped_examples", {}).items():
-            examples.setdefault(reason, []).extend(ids)
-        if merged is None:
-            merged = dataclasses.replace(part, samples=0, tokens=0, target_tokens=0, truncated=0, skipped={},
-                                         extra={**part.extra, "input_tars": 0})
-        merged.merge(part)
-        merged.extra["input_tars"] += part.extra.get("input_tars", 0)
-    assert merged is not None
-    merged.extra["parts"] = len(folders)
-    if examples:
-        merged.extra["skipped_examples"] = {k: v[:5] for k, v in sorted(examples.items())}
-    merged.write(local_out)
-    if storage.is_remote(out):
-        storage.upload(os.path.join(local_out, MANIFEST_NAME), storage.join(out, MANIFEST_NAME))
+    remote = storage.is_remote(out)
+    parent = staging if remote else out
+    assert parent is not None, f"{out}: a remote output needs a local staging folder"
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=parent) as work:
+        logging.disable(logging.WARNING)     # merge_index warns about its temporary folder on every call
+        try:
+            merge_index([storage.join(f, "index.json") for f in folders], work, keep_local=True)
+        finally:
+            logging.disable(logging.NOTSET)
+        merged: Manifest | None = None
+        examples: dict[str, list[str]] = {}
+        for folder in folders:
+            part_staging = os.path.join(work, os.path.basename(folder.rstrip("/")))
+            part = read_manifest(fetch_folder_file(folder, MANIFEST_NAME, part_staging))
+            for reason, ids in part.extra.pop("skipped_examples", {}).items():
+                examples.setdefault(reason, []).extend(ids)
+            if merged is None:
+                merged = dataclasses.replace(part, samples=0, tokens=0, target_tokens=0, truncated=0, skipped={},
+                                             extra={**part.extra, "input_tars": 0})
+            merged.merge(part)
+            merged.extra["input_tars"] += part.extra.get("input_tars", 0)
+        assert merged is not None
+        merged.extra["parts"] = len(folders)
+        if examples:
+            merged.extra["skipped_examples"] = {k: v[:5] for k, v in sorted(examples.items())}
+        merged.write(work)
+        for name in ("index.json", MANIFEST_NAME):
+            if remote:
+                storage.upload(os.path.join(work, name), storage.join(out, name))
+            else:
+                os.replace(os.path.join(work, name), os.path.join(out, name))
     return merged
 
 

@@ -155,3 +155,18 @@ def s3_env(s3_server, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return s3_server
+
+
+# ---- order ----------------------------------------------------------------------------------------------
+
+# `make test` runs two pytest-xdist workers, one module at a time each (--dist loadfile); the longest modules
+# go first so that the workers finish together instead of one running the quickstart alone at the end.
+LONGEST_FIRST = ("test_quickstart.py", "test_train.py", "test_slurm.py", "test_released.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Run the longest modules first (a stable sort: the others keep their order)."""
+    def rank(item) -> int:
+        name = os.path.basename(str(item.path))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)

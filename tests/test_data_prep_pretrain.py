@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from streaming import StreamingDataset
 
-from data_prep.pretrain import CaptionOptions, build_pretrain
+from data_prep.pretrain import CaptionOptions, build_pretrain, merge_parts
 from data_prep.writer import EncodeSettings
 from pipeline.data.format import read_manifest, split_images
 from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
@@ -133,6 +133,30 @@ def test_parallel_output_is_deterministic_and_resumable(tmp_path, settings):
     # running the finished job again (e.g. a re-run of a whole pipeline) merges the same index again
     assert build_pretrain([raw], str(resumed), "kale", settings, workers=1, tars_per_part=1).samples == 8
     assert folder_bytes(resumed) == folder_bytes(serial)
+
+
+def test_two_jobs_merging_the_same_parts_at_once_both_succeed(tmp_path, settings, monkeypatch):
+    """Array tasks that finish together both see every part done and merge, and the merge job follows:
+    a merge that starts while another is half-way must neither fail nor leave a mixed index."""
+    import streaming.base.util
+
+    raw = kale_tars(str(tmp_path / "raw"), n_tars=2, per_tar=2)
+    out = tmp_path / "out"
+    build_pretrain([raw], str(out), "kale", settings, workers=1, tars_per_part=1)
+    expected = folder_bytes(out)
+    folders = [str(out / "part-00000"), str(out / "part-00001")]
+    real_merge, calls = streaming.base.util.merge_index, []
+
+    def merge_with_another_job_inside(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:          # the other job runs its whole merge in the middle of this one
+            assert merge_parts(str(out), folders).samples == 4
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(streaming.base.util, "merge_index", merge_with_another_job_inside)
+    assert merge_parts(str(out), folders).samples == 4
+    assert len(calls) == 2
+    assert folder_bytes(out) == expected                        # one index, one manifest, no leftovers
 
 
 def test_unknown_source_and_missing_input_are_clear(tmp_path, settings):
