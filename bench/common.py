@@ -18,7 +18,10 @@ import resource
 import shlex
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NO_GPU = "not measured (no GPU): run bench/gpu_check.sh on an H100/H200"
@@ -159,6 +162,20 @@ def measure(fn: Callable[[], Any], device: str, warmup: int, iters: int) -> floa
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / iters
+
+
+def gemm_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
+    """FLOP/s of square ``n``×``n`` matmuls on ``device`` now: a yardstick of what the machine delivers."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    iters = 1
+    while True:
+        t = measure(lambda: a @ b, device, warmup=1, iters=iters)
+        if t * iters >= seconds or iters >= 1 << 14:
+            return 2 * n ** 3 / t
+        iters *= 4
 
 
 def reset_peak_memory(device: str) -> None:

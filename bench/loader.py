@@ -94,12 +94,14 @@ def real_loader(mds: str, processor: Callable, size_name: str, collator: Any, ba
     from streaming import Stream
 
     from pipeline.data.dataset import AKIDataLoader, AKIStreamingDataset
+    from pipeline.data.registration import one_registration_at_a_time
     from pipeline.model.sizes import get_model_size
 
     size = get_model_size(size_name)
-    dataset = AKIStreamingDataset(image_processor=processor, image_size=size.image_size,
-                                  num_visual_tokens=size.num_visual_tokens, streams=[Stream(local=mds)],
-                                  batch_size=batch, shuffle=False)
+    with one_registration_at_a_time():
+        dataset = AKIStreamingDataset(image_processor=processor, image_size=size.image_size,
+                                      num_visual_tokens=size.num_visual_tokens, streams=[Stream(local=mds)],
+                                      batch_size=batch, shuffle=False)
     return AKIDataLoader(dataset, batch_size=batch, collate_fn=collator, num_workers=workers)
 
 

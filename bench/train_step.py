@@ -42,8 +42,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.common import (Figure, Result, add_common_args, command_line, measure, peak_memory_gib, report,
-                          reset_peak_memory, result_name)
+from bench.common import (Figure, Result, add_common_args, command_line, gemm_flops, measure, peak_memory_gib,
+                          report, reset_peak_memory, result_name)
 from bench.layouts import fill_rows, make_sample, pt_sample, sft_sample
 from pipeline.data.collate import Collator
 from pipeline.flops import BatchShape, ModelCounts, batch_shape, count_model, step_flops
@@ -266,18 +266,6 @@ def time_run(run: Run, bench, args: argparse.Namespace) -> Timed:
     if args.device.startswith("cuda"):
         timed.host_syncs = count_syncs(step)
     return timed
-
-
-def gemm_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
-    """FLOP/s of square ``n``×``n`` matmuls on ``device`` now: a yardstick of what the machine delivers."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    iters = 1
-    while True:
-        t = measure(lambda: a @ b, device, warmup=1, iters=iters)
-        if t * iters >= seconds or iters >= 1 << 14:
-            return 2 * n ** 3 / t
-        iters *= 4
 
 
 def run_figures(name: str, r: Timed, counts: ModelCounts, world: int, peak: float | None, comparable: bool,

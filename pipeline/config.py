@@ -12,14 +12,14 @@ A recipe (``pipeline/configs/*.yaml``) has four sections, one per dataclass belo
 and validates every value. An unknown or misspelt key, a value of the wrong type or an impossible
 setting raises one :class:`ConfigError` naming the key — before the trainer starts any distributed
 work. Checks that need the world size (batch divisibility) or the file system (data, weights) are in
-:func:`validate_launch`, which the trainer calls right after.
+:func:`pipeline.validation.validate_launch`, which the trainer calls right after. Every check is in
+:mod:`pipeline.validation`.
 
 The DeepSpeed JSONs are filled from the recipe by :mod:`pipeline.ds_config`.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
 from pathlib import Path
@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipeline.data.remote import is_remote
-from pipeline.recipes import (ConfigError, Proportion, apply_overrides, build_dataclass, read_recipe,
-                              resolve_recipe)
+from pipeline.recipes import ConfigError  # noqa: F401  (the error every recipe check raises; imported from here)
+from pipeline.recipes import Proportion, apply_overrides, build_dataclass, read_recipe, resolve_recipe
 
 if TYPE_CHECKING:
     import torch
@@ -252,136 +251,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     raw = apply_overrides(read_recipe(recipe), list(overrides or []))
     raw.setdefault("name", recipe.stem)
     config = build_dataclass(Config, raw)
+    from pipeline.validation import validate      # imports this module's dataclasses
+
     validate(config)
     return config
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _choice(value: str, choices: typing.Iterable[str], key: str) -> None:
-    choices = list(choices)
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"config `{key}` is {value!r}; {hint}choose one of {', '.join(map(repr, choices))}")
-
-
-def _positive(value: float, key: str, allow_zero: bool = False) -> None:
-    if not (value > 0 or (allow_zero and value == 0)) or value != value:
-        raise ConfigError(f"config `{key}` must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def validate(config: Config) -> None:
-    """Every check that needs neither the world size nor the file system."""
-    from pipeline.chat import LAYOUTS
-    from pipeline.data.dot import TI_PT_IMAGE
-    from pipeline.model.attention import MODES
-    from pipeline.model.sizes import MODEL_SIZES
-
-    m, d, o, t = config.model, config.data, config.optim, config.train
-    _choice(m.size, MODEL_SIZES, "model.size")
-    _choice(m.attention_mode, MODES, "model.attention_mode")
-    _choice(m.text_layout, LAYOUTS, "model.text_layout")
-    _choice(m.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
-    _validate_phases(d, t.total_steps)
-    _choice(d.collate, COLLATE_MODES, "data.collate")
-    for key in ("pack_tokens", "max_length", "pad_to_multiple_of"):
-        _positive(getattr(d, key), f"data.{key}")
-    if d.predownload is not None:
-        _positive(d.predownload, "data.predownload")
-    _positive(d.num_workers, "data.num_workers", allow_zero=True)
-    if d.collate == "pack" and d.pack_tokens < d.max_length:
-        raise ConfigError(f"config `data.pack_tokens` ({d.pack_tokens}) is smaller than `data.max_length` "
-                          f"({d.max_length}): a packed row must hold the longest sample")
-    if not d.orders:
-        raise ConfigError("config `data.orders` is empty; use [it] (as stored) or [ti, it] (DOT)")
-    for i, order in enumerate(d.orders):
-        _choice(order, INPUT_ORDERS, f"data.orders[{i}]")
-    _choice(d.ti_pt_image, TI_PT_IMAGE, "data.ti_pt_image")
-    _positive(o.lr, "optim.lr")
-    _positive(o.min_lr, "optim.min_lr", allow_zero=True)
-    if o.min_lr > o.lr:
-        raise ConfigError(f"config `optim.min_lr` ({o.min_lr}) is above `optim.lr` ({o.lr}); "
-                          "the cosine schedule decays from lr down to min_lr")
-    for key in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
-        _positive(getattr(o, key), f"optim.{key}", allow_zero=key != "eps")
-    for i, beta in enumerate(o.betas):
-        if not 0 <= beta < 1:
-            raise ConfigError(f"config `optim.betas[{i}]` must be in [0, 1), got {beta}")
-    _choice(o.scheduler, SCHEDULERS, "optim.scheduler")
-    _choice(o.schedule_span, SCHEDULE_SPANS, "optim.schedule_span")
-    if o.schedule_span == "order" and (t.total_steps % len(d.orders)
-                                       or o.warmup_steps >= t.total_steps // len(d.orders)):
-        raise ConfigError(f"config `optim.schedule_span` is 'order': `train.total_steps` ({t.total_steps}) must "
-                          f"split evenly between the {len(d.orders)} orders of `data.orders` and each share must "
-                          f"be longer than `optim.warmup_steps` ({o.warmup_steps})")
-    _choice(t.stage, STAGES, "train.stage")
-    _choice(t.precision, PRECISIONS, "train.precision")
-    _choice(t.wandb_mode, WANDB_MODES, "train.wandb_mode")
-    for key in ("global_batch_size", "micro_batch_size", "total_steps", "save_every", "keep_last",
-                "max_nonfinite_steps", "log_every"):
-        _positive(getattr(t, key), f"train.{key}")
-    if o.warmup_steps >= t.total_steps:
-        raise ConfigError(f"config `optim.warmup_steps` ({o.warmup_steps}) must be below `train.total_steps` "
-                          f"({t.total_steps})")
-    if t.total_steps < len(d.orders):
-        raise ConfigError(f"config `train.total_steps` ({t.total_steps}) cannot be split between the "
-                          f"{len(d.orders)} input orders of `data.orders`")
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"config `train.global_batch_size` ({t.global_batch_size}) is not a multiple of "
-                          f"`train.micro_batch_size` ({t.micro_batch_size})")
-    if t.output_dir is None:
-        t.output_dir = os.path.join("runs", config.name)
-
-
-def _validate_sources(mixture: str | None, datasets: list[DatasetSource] | None, key: str) -> None:
-    if mixture is not None and datasets is not None:
-        raise ConfigError(f"config sets both `{key}.mixture` and `{key}.datasets`; keep one")
-    if datasets is not None and sum(s.proportion for s in datasets) <= 0:
-        raise ConfigError(f"config `{key}.datasets`: the proportions sum to 0; give at least one a weight > 0")
-    limited = [s.samples is not None for s in datasets or []]
-    if any(limited) and not all(limited):
-        raise ConfigError(f"config `{key}.datasets`: some streams set `samples` and some do not; a phase "
-                          "weights its streams either all by `samples` or all by `proportion`")
-    for i, s in enumerate(datasets or []):
-        if (s.path is None) == (s.remote is None):
-            raise ConfigError(f"config `{key}.datasets[{i}]` needs exactly one of `path` (a local folder) and "
-                              "`remote` (an s3:// URL, cached in `local`)")
-        if s.remote is not None and not is_remote(s.remote):
-            raise ConfigError(f"config `{key}.datasets[{i}].remote` is {s.remote!r}: give a URL such as "
-                              "s3://bucket/prefix (local folders go in `path`)")
-        if s.samples is not None:
-            _positive(s.samples, f"{key}.datasets[{i}].samples")
-            if s.proportion != 1.0:
-                raise ConfigError(f"config `{key}.datasets[{i}]` sets both `samples` and `proportion`; a stream "
-                                  "limited to `samples` is weighted by that number: remove `proportion`")
-
-
-def _validate_phases(d: DataConfig, total_steps: int) -> None:
-    """Either one set of data (``mixture``/``datasets``) or ``phases`` starting at 0, in step order."""
-    if d.phases is None:
-        _validate_sources(d.mixture, d.datasets, "data")
-        return
-    if d.mixture is not None or d.datasets is not None:
-        raise ConfigError("config sets `data.phases` and also `data.mixture`/`data.datasets`; give the data "
-                          "in the phases only (set the others to null)")
-    if not d.phases or d.phases[0].start_step != 0:
-        raise ConfigError("config `data.phases` must list at least one phase and the first must have start_step 0")
-    for i, phase in enumerate(d.phases):
-        key = f"data.phases[{i}]"
-        if phase.mixture is None and not phase.datasets:
-            raise ConfigError(f"config `{key}` ({phase.name!r}) has no data: set its `mixture` or `datasets`")
-        _validate_sources(phase.mixture, phase.datasets, key)
-        if i and not d.phases[i - 1].start_step < phase.start_step < total_steps:
-            raise ConfigError(f"config `{key}.start_step` ({phase.start_step}) must be after the previous phase's "
-                              f"({d.phases[i - 1].start_step}) and below `train.total_steps` ({total_steps})")
-    names = [p.name for p in d.phases]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"config `data.phases`: names {names} repeat; give each phase its own name")
-    if len(d.phases) > 1 and len(d.orders) > 1:
-        raise ConfigError("config has several `data.phases` and several `data.orders`; DOT splits a stage "
-                          "with one set of data: use one phase, or one order")
 
 
 def training_dtype(config: Config) -> "torch.dtype":
@@ -389,18 +262,6 @@ def training_dtype(config: Config) -> "torch.dtype":
     import torch
 
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[config.train.precision]
-
-
-def grad_accum_steps(config: Config, world_size: int) -> int:
-    """Accumulation steps per optimizer step; ConfigError when the batch does not divide evenly."""
-    t = config.train
-    per_step = t.micro_batch_size * world_size
-    if world_size < 1 or t.global_batch_size % per_step:
-        raise ConfigError(
-            f"`train.global_batch_size` ({t.global_batch_size}) is not divisible by `train.micro_batch_size` "
-            f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}; change one of them "
-            f"(e.g. --set train.micro_batch_size=...)")
-    return t.global_batch_size // per_step
 
 
 def data_phases(data: DataConfig) -> list[DataPhase]:
@@ -416,28 +277,6 @@ def resolve_path(path: str) -> Path:
     if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
         return p
     return REPO_ROOT / p
-
-
-def validate_launch(config: Config, world_size: int) -> int:
-    """Checks that need the world size and the files; returns the accumulation steps.
-
-    Call it on every rank before any distributed work (it only reads files).
-    """
-    accum = grad_accum_steps(config, world_size)
-    d = config.data
-    if d.phases is None and d.mixture is None and not d.datasets:
-        raise ConfigError("config has no data: set `data.mixture` (a mixture YAML from data_prep) or "
-                          "`data.datasets` (e.g. --set 'data.datasets=[{path: data/kale}]')")
-    paths = {"train.deepspeed": config.train.deepspeed, "train.init_from": config.train.init_from,
-             "model.tokenizer": config.model.tokenizer}
-    for i, phase in enumerate(data_phases(d)):
-        key = "data" if d.phases is None else f"data.phases[{i}]"
-        paths[f"{key}.mixture"] = phase.mixture
-        paths.update({f"{key}.datasets[{j}].path": s.path for j, s in enumerate(phase.datasets or [])})
-    for key, path in paths.items():
-        if path is not None and not is_remote(path) and not resolve_path(path).exists():
-            raise ConfigError(f"config `{key}`: {path} does not exist (working directory {os.getcwd()})")
-    return accum
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

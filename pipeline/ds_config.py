@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.config import REPO_ROOT, Config, grad_accum_steps, resolve_path
+from pipeline.config import REPO_ROOT, Config, resolve_path
+from pipeline.validation import grad_accum_steps
 from pipeline.recipes import ConfigError
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pipeline.config import (RECIPES_DIR, REPO_ROOT, ConfigError, grad_accum_steps, load_config, save_config,
-                             validate_launch)
+from pipeline.config import RECIPES_DIR, REPO_ROOT, ConfigError, load_config, save_config
+from pipeline.validation import grad_accum_steps, validate_launch
 from pipeline.ds_config import fill_deepspeed_config, offloads_optimizer
 
 ALL_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))

@@ -12,6 +12,7 @@ from streaming import StreamingDataset
 from data_prep.pretrain import CaptionOptions, build_pretrain, merge_parts
 from data_prep.writer import EncodeSettings
 from pipeline.data.format import read_manifest, split_images
+from pipeline.data.registration import one_registration_at_a_time
 from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
 from fixtures_data import img2dataset_sample, jpeg, mean_rgb, write_tar
 
@@ -22,7 +23,8 @@ def settings(tiny_tokenizer_path):
 
 
 def read_all(folder):
-    ds = StreamingDataset(local=str(folder), batch_size=1, shuffle=False)
+    with one_registration_at_a_time():
+        ds = StreamingDataset(local=str(folder), batch_size=1, shuffle=False)
     return [ds[i] for i in range(ds.num_samples)]
 
 

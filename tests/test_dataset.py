@@ -227,3 +227,63 @@ def test_phased_loader_resumes_inside_the_second_phase_at_the_exact_sample(datas
     # 12 of beta's 24 samples per epoch: step 4 ends the first epoch, step 5 starts the second
     assert len(set(first[2] + first[3] + rest[0])) == 12
     resumed.close()
+
+
+def _register_together(tmp_path, guarded: bool, monkeypatch) -> list:
+    """Two threads build a StreamingDataset each at the same moment (two jobs starting together): after
+    streaming's look-up of a free shared-memory prefix each waits (up to a second) for the other to have
+    looked too, before either registers. Returns each one's dataset, or the error it raised."""
+    import contextlib
+    import threading
+
+    import streaming.base.shared.prefix as prefix
+    from streaming import StreamingDataset
+
+    from pipeline.data.registration import one_registration_at_a_time
+
+    folders = []
+    for name in ("a", "b"):
+        with MDSWriter(out=str(tmp_path / name), columns={"x": "int"}) as out:
+            for i in range(3):
+                out.write({"x": i})
+        folders.append(str(tmp_path / name))
+    find = prefix._check_and_find
+
+    def find_together(streams_local, streams_remote, shm_name):
+        found = find(streams_local, streams_remote, shm_name)
+        if shm_name == "locals":
+            with contextlib.suppress(threading.BrokenBarrierError):   # the other waits for the lock
+                looked.wait(timeout=1.0)
+        return found
+
+    monkeypatch.setattr(prefix, "_check_and_find", find_together)
+    start, looked, results = threading.Barrier(2), threading.Barrier(2), [None, None]
+
+    def build(i: int) -> None:
+        start.wait()
+        try:
+            with one_registration_at_a_time() if guarded else contextlib.nullcontext():
+                results[i] = StreamingDataset(local=folders[i], batch_size=1)
+        except FileExistsError as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_datasets_registered_at_the_same_moment_get_their_own_shared_memory(tmp_path, monkeypatch):
+    from streaming import StreamingDataset
+
+    # streaming alone: both pick the same prefix and the later one fails (or, had it not, would share memory)
+    plain = _register_together(tmp_path / "plain", guarded=False, monkeypatch=monkeypatch)
+    assert any(isinstance(r, FileExistsError) and "_locals" in str(r) for r in plain), plain
+    guarded = _register_together(tmp_path / "guarded", guarded=True, monkeypatch=monkeypatch)
+    assert all(isinstance(r, StreamingDataset) for r in guarded), guarded
+    assert guarded[0]._shm_prefix_int != guarded[1]._shm_prefix_int
+    assert [len(r) for r in guarded] == [3, 3]
+    del plain, guarded
+    gc.collect()

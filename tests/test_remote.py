@@ -20,6 +20,7 @@ from data_prep.synthetic import generate_world
 from data_prep.writer import DONE_MARKER, EncodeSettings
 from pipeline.config import DataConfig, DatasetSource
 from pipeline.data.dataset import check_data_access, resolve_sources
+from pipeline.data.registration import one_registration_at_a_time
 from pipeline.data.remote import RemoteError
 from pipeline.recipes import ConfigError
 
@@ -93,7 +94,9 @@ def test_sft_mixture_in_a_bucket_is_read_back_by_training(tmp_path, tiny_tokeniz
 
     def ids(sources):
         streams = [Stream(remote=s.remote, local=s.local, proportion=s.proportion) for s in sources]
-        return [row["id"] for row in StreamingDataset(streams=streams, batch_size=1, shuffle=True, shuffle_seed=5)]
+        with one_registration_at_a_time():
+            dataset = StreamingDataset(streams=streams, batch_size=1, shuffle=True, shuffle_seed=5)
+        return [row["id"] for row in dataset]
 
     assert ids(remote) == ids(local)
 

@@ -32,6 +32,7 @@ from pipeline.data.collate import SKIP_KEY, Collator
 from pipeline.data.format import (MANIFEST_NAME, Manifest, check_manifest, image_lengths, read_manifest,
                                   split_images)
 from pipeline.data.mixture import load_mixture
+from pipeline.data.registration import one_registration_at_a_time
 from pipeline.model.sizes import get_model_size
 from pipeline.recipes import ConfigError, parse_proportion
 from pipeline.tokens import IMAGE
@@ -188,12 +189,13 @@ def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: I
     limited = any(s.samples is not None for s in sources)
     cache_limit = _phase_cache_limit(sources, config.data, phase.name)
     try:
-        dataset = AKIStreamingDataset(
-            image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
-            streams=[s.stream() for s in sources], batch_size=config.train.micro_batch_size,
-            shuffle=config.data.shuffle, shuffle_seed=config.data.shuffle_seed,
-            sampling_method="fixed" if limited else "balanced", cache_limit=cache_limit,
-            predownload=config.data.predownload, num_canonical_nodes=config.data.num_canonical_nodes)
+        with one_registration_at_a_time():
+            dataset = AKIStreamingDataset(
+                image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
+                streams=[s.stream() for s in sources], batch_size=config.train.micro_batch_size,
+                shuffle=config.data.shuffle, shuffle_seed=config.data.shuffle_seed,
+                sampling_method="fixed" if limited else "balanced", cache_limit=cache_limit,
+                predownload=config.data.predownload, num_canonical_nodes=config.data.num_canonical_nodes)
     except ValueError as err:
         if cache_limit and "cache" in str(err).lower():         # streaming's own cache-limit checks
             raise ConfigError(f"config `data.cache_limit` ({cache_limit}): {err}") from None

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.chat import encode, get_layout
 from pipeline.data.format import check_manifest, read_manifest, split_images
+from pipeline.data.registration import one_registration_at_a_time
 from pipeline.model.tokenizer import tokenizer_fingerprint
 
 
@@ -44,7 +45,8 @@ def dataset_samples(folder: str, indices: Sequence[int], tokenizer: PreTrainedTo
     # The folder is the stream's remote: only the shards holding the samples are copied (and decompressed)
     # into a private cache, so the dataset folder stays untouched and may be in use elsewhere.
     with tempfile.TemporaryDirectory(prefix="inspect_") as cache:
-        dataset = StreamingDataset(remote=os.path.abspath(folder), local=cache, shuffle=False, batch_size=1)
+        with one_registration_at_a_time():
+            dataset = StreamingDataset(remote=os.path.abspath(folder), local=cache, shuffle=False, batch_size=1)
         for index in indices:
             if not 0 <= index < len(dataset):
                 raise ValueError(f"sample index {index} is out of range: dataset {folder} holds {len(dataset)} "
