@@ -287,3 +287,21 @@ def test_datasets_registered_at_the_same_moment_get_their_own_shared_memory(tmp_
     assert [len(r) for r in guarded] == [3, 3]
     del plain, guarded
     gc.collect()
+
+
+def test_a_registration_lock_held_too_long_is_reported_and_not_waited_for_forever():
+    import fcntl
+    import os
+
+    from pipeline.data.registration import lock_path, one_registration_at_a_time
+
+    holder = os.open(lock_path(), os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)        # another job registering (or stuck)
+        entered = False
+        with pytest.warns(RuntimeWarning, match="held the dataset registration lock for 0 s; registering without it"):
+            with one_registration_at_a_time(timeout_s=0.2):
+                entered = True
+        assert entered
+    finally:
+        os.close(holder)
