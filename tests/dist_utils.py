@@ -73,28 +73,15 @@ def write_dataset(folder: str | os.PathLike, tokenizer, kind: str, n: int, num_v
     return str(folder)
 
 
-def _torchrun(args: list[str], nproc: int, env: dict[str, str] | None, module: bool) -> tuple[list[str], dict]:
-    """The ``torchrun --nproc_per_node N [-m] ARGS`` command line and its environment (CPU, gloo, 1 thread)."""
+def torchrun(args: list[str], nproc: int, env: dict[str, str] | None = None, timeout: float = 240,
+             module: bool = True) -> subprocess.CompletedProcess:
+    """Run ``torchrun --nproc_per_node N [-m] ARGS`` from the repository root; print its log on failure."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + (["-m"] if module else []) + args
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return cmd, full_env
-
-
-def torchrun(args: list[str], nproc: int, env: dict[str, str] | None = None, timeout: float = 240,
-             module: bool = True) -> subprocess.CompletedProcess:
-    """Run ``torchrun --nproc_per_node N [-m] ARGS`` from the repository root; returns the finished process."""
-    cmd, full_env = _torchrun(args, nproc, env, module)
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-
-def start_torchrun(args: list[str], nproc: int, log: str | os.PathLike,
-                   env: dict[str, str] | None = None) -> subprocess.Popen:
-    """:func:`torchrun` in the background, its output (stdout and stderr) in the file ``log``."""
-    cmd, full_env = _torchrun(args, nproc, env, module=True)
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return proc
 
 
 def show(proc: subprocess.CompletedProcess) -> str:

@@ -4,8 +4,9 @@ The SLURM tests need a running cluster. Where there is none they start a one-nod
 with slurm/ci/setup_local_slurm.sh (Debian packages; needs root and apt-get) and are skipped, with the
 reason, only where that is impossible. They submit the real ``slurm/pretrain.sbatch`` with the tiny CPU
 recipe (two CPU ranks through srun + torchrun) with a USR1 sent to the batch shell mid-training, which
-must save, requeue the job and resume it to the end with every optimizer step trained exactly once, on the
-same samples and with the same losses as an uninterrupted run; and the prep array job into an S3 bucket.
+must save, requeue the job and resume it to the end with every optimizer step trained exactly once (that
+a resume reads the same data as a straight run is checked in tests/test_train.py, also through this
+script's requeue path on two nodes), and the prep array job into an S3 bucket.
 """
 from __future__ import annotations
 
@@ -98,18 +99,14 @@ def tiny_pt_data(tmp_path_factory, tiny_tokenizer_path) -> dict[str, str]:
     return {"data": out, "tokenizer": str(tiny_tokenizer_path), "kale": world.kale}
 
 
-def _overrides(data: dict[str, str]) -> list[str]:
-    """The `--set` arguments of the tiny runs (tiny_pt for STEPS steps on the tiny shards)."""
-    return ["--set", f"data.datasets=[{{path: {data['data']}}}]", "--set", f"model.tokenizer={data['tokenizer']}",
-            "--set", f"train.total_steps={STEPS}", "--set", f"train.save_every={10 * STEPS}"]
-
-
 def _submit(workdir: Path, run_dir: Path, data: dict[str, str]) -> str:
     """Submit slurm/pretrain.sbatch (tiny_pt on two CPU ranks); returns the job id."""
     env = {**os.environ, "RECIPE": "tiny_pt", "OUTPUT_DIR": str(run_dir), "AKI_PYTHON": sys.executable,
            "CPU_PROCS_PER_NODE": "2", "WANDB_MODE": "disabled"}
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2",
-           f"--chdir={workdir}", f"--output={workdir}/pretrain-%j.out", str(PRETRAIN), *_overrides(data)]
+           f"--chdir={workdir}", f"--output={workdir}/pretrain-%j.out", str(PRETRAIN),
+           "--set", f"data.datasets=[{{path: {data['data']}}}]", "--set", f"model.tokenizer={data['tokenizer']}",
+           "--set", f"train.total_steps={STEPS}", "--set", f"train.save_every={10 * STEPS}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     job = done.stdout.strip().split(";")[0]
     assert job, f"sbatch printed no job id: {done.stderr}"
@@ -146,13 +143,6 @@ def _complete_checkpoints(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slurm, tiny_pt_data, tmp_path):
-    from dist_utils import start_torchrun
-
-    # The reference: an uninterrupted run of the same recipe, outside SLURM (in the job's idle moments).
-    straight, straight_log = tmp_path / "straight", tmp_path / "straight.log"
-    reference_run = start_torchrun(["pipeline.train", "--config", "tiny_pt", *_overrides(tiny_pt_data),
-                                    "--output-dir", str(straight)], nproc=2, log=straight_log,
-                                   env={"WANDB_MODE": "disabled"})
     run_dir = tmp_path / "run"
     job = _submit(tmp_path, run_dir, tiny_pt_data)
     try:
@@ -177,12 +167,9 @@ def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slur
                     hurried = True
             assert time.monotonic() < deadline, f"job {job} did not finish: {info}\n{_log(tmp_path, job)}"
             time.sleep(0.5)
-        reference_run.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         if _job(job).get("JobState") in ("PENDING", "RUNNING"):
             _cancel(job)
-        if reference_run.poll() is None:
-            reference_run.kill()
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{log}"
     assert info.get("Restarts") == "1", f"the job was not requeued once: {info}\n{log}"
@@ -198,12 +185,6 @@ def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slur
     assert "launch: 1 node(s) x 2 process(es)" in log and "[rank0]:" in log, log
     rank_logs = {p.parent.name for p in (run_dir / "logs" / f"job-{job}" / "node0").rglob("stderr.log")}
     assert rank_logs == {"0", "1"}, log
-
-    # The requeued job trained exactly what the uninterrupted run trained.
-    assert reference_run.returncode == 0, straight_log.read_text()[-8000:]
-    reference, _ = _records(straight)
-    assert [r["data_digest"] for r in steps] == [r["data_digest"] for r in reference]     # the same samples
-    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in reference], rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.slow
