@@ -1,7 +1,8 @@
 # make test | make quickstart | make lint — each creates .venv when missing.
 PYTHON ?= python3
-# pytest-xdist workers of `make test`, each running whole test modules (their shared fixtures are built once):
-# two keep both cores of a small machine busy while a single-threaded test or a SLURM job waits.
+# pytest-xdist workers of `make test`, each running whole test modules (their shared fixtures are built once)
+# in the order tests/conftest.py gives (longest first; xdist would otherwise sort by number of tests): two
+# keep both cores of a small machine busy while a single-threaded test or a SLURM job waits.
 TEST_WORKERS ?= 2
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -42,7 +43,7 @@ $(TF5_STAMP): requirements-tf5.txt $(STAMP)
 	touch $(TF5_STAMP)
 
 test: $(STAMP)
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 	$(MAKE) test-tf5
 
 test-tf5: $(TF5_STAMP)

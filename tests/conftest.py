@@ -159,8 +159,9 @@ def s3_env(s3_server, monkeypatch):
 
 # ---- order ----------------------------------------------------------------------------------------------
 
-# `make test` runs two pytest-xdist workers, one module at a time each (--dist loadfile); the longest modules
-# go first so that the workers finish together instead of one running the quickstart alone at the end.
+# `make test` runs two pytest-xdist workers, one module at a time each (--dist loadfile, in this order:
+# --no-loadscope-reorder); the longest modules go first so that the workers finish together instead of one
+# running the quickstart alone at the end.
 LONGEST_FIRST = ("test_quickstart.py", "test_train.py", "test_slurm.py", "test_released.py")
 
 
