@@ -231,13 +231,14 @@ def test_phased_loader_resumes_inside_the_second_phase_at_the_exact_sample(datas
 
 def _register_together(tmp_path, guarded: bool, monkeypatch) -> list:
     """Two threads build a StreamingDataset each at the same moment (two jobs starting together): after
-    streaming's look-up of a free shared-memory prefix each waits (up to a second) for the other to have
-    looked too, before either registers. Returns each one's dataset, or the error it raised."""
+    streaming's last look-up of a free shared-memory prefix each waits (up to a second) for the other to
+    have looked too, before either registers. Returns each one's dataset, or the error it raised."""
     import contextlib
     import threading
 
     import streaming.base.shared.prefix as prefix
     from streaming import StreamingDataset
+    from streaming.base.constant import SHM_TO_CLEAN
 
     from pipeline.data.registration import one_registration_at_a_time
 
@@ -251,7 +252,7 @@ def _register_together(tmp_path, guarded: bool, monkeypatch) -> list:
 
     def find_together(streams_local, streams_remote, shm_name):
         found = find(streams_local, streams_remote, shm_name)
-        if shm_name == "locals":
+        if shm_name == SHM_TO_CLEAN[-1]:                               # the last look-up before registering
             with contextlib.suppress(threading.BrokenBarrierError):   # the other waits for the lock
                 looked.wait(timeout=1.0)
         return found
