@@ -24,12 +24,12 @@ TF5_TESTS := tests/test_model.py 'tests/test_attention.py::test_block_mask_dense
 	tests/test_generate.py::test_generation_stops_at_stop_tokens tests/test_bench.py::test_train_step_bench_tiny
 TF5_SKIP := not answer_tokens_never_leak_backwards and not packed_documents_equal_documents_alone
 
-.PHONY: test test-tf5 quickstart lint clean-venv
+.PHONY: test test-tf5 quickstart lint clean-venv browser
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,eval]'
+	$(PY) -m pip install -q -e '.[test,eval,demo]'
 	# DeepSpeed's CPU communication op, built once here rather than inside the first test's time limit
 	DS_ACCELERATOR=cpu $(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
 	touch $(STAMP)
@@ -42,10 +42,24 @@ $(TF5_STAMP): requirements-tf5.txt $(STAMP)
 		> $$($(TF5_PY) -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth
 	touch $(TF5_STAMP)
 
+# Headless Chromium and its WebDriver from Debian's packages for the demo page's browser test
+# (tests/test_demo.py), installed when missing and possible (root and apt-get, as for SLURM); elsewhere that
+# test is skipped with the reason. Nothing downloads a browser.
+BROWSER_PACKAGES := chromium chromium-driver
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(BROWSER_PACKAGES) (Debian packages) for tests/test_demo.py"; \
+		{ DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; } \
+		|| echo "could not install $(BROWSER_PACKAGES): the demo's browser test will be skipped"; \
+	else echo "no chromium/chromedriver, and installing them needs root and apt-get: the demo's browser test" \
+		"will be skipped (sudo apt-get install $(BROWSER_PACKAGES))"; fi
+
 # The suite runs with its own temporary folder, removed when it passes (kept for a look when it fails):
 # mosaicml-streaming leaves a lock file per dataset in the temporary folder and scans them all each time it
 # registers a dataset (~0.1 s per dataset at 3,000 files), so a shared /tmp would slow every later run.
-test: $(STAMP)
+test: $(STAMP) browser
 	tmp=$$(mktemp -d -t aki-tests-XXXXXX) && TMPDIR=$$tmp DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) \
 		--dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) && rm -rf $$tmp
 	$(MAKE) test-tf5

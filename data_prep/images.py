@@ -18,9 +18,10 @@ import io
 import math
 import os
 
-from PIL import Image, ImageFile
+from PIL import Image
 
 from data_prep.records import CORRUPT_IMAGE, MISSING_IMAGE
+from pipeline.model.images import strict_decoding
 
 JPEG_QUALITY = 95
 # Shrink cheaply (draft decode, box reduce) down to no less than this many times the target size; bicubic does
@@ -49,18 +50,14 @@ def to_encoder_jpeg(data: bytes, image_size: int) -> bytes:
 
     Undecodable or truncated files raise :class:`ImageError` (``corrupt_image``).
     """
-    # A truncated file is corrupt even where a library imported in this process (lmms-eval does) told
-    # Pillow to pad truncated images silently.
-    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (math.ceil(image_size * RESAMPLE_GAP),) * 2)   # JPEG only; both sides stay ≥ this
-        img.load()
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
+    try:   # a truncated file is corrupt even where a library told Pillow to pad such images silently
+        with strict_decoding():
+            img = Image.open(io.BytesIO(data))
+            img.draft("RGB", (math.ceil(image_size * RESAMPLE_GAP),) * 2)   # JPEG only; both sides stay ≥ this
+            img.load()
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb…)
         raise ImageError(CORRUPT_IMAGE, f"cannot decode image: {err}") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC, reducing_gap=RESAMPLE_GAP)
     out = io.BytesIO()

@@ -5,6 +5,13 @@ question kinds are few and learnable by a tiny model (colour, shape, count, left
 and the multiple-choice kinds are the same in the SFT data and in the CV-Bench-style evaluation set, so
 a model finetuned on the first can beat chance on the second. :mod:`data_prep.synthetic` writes all of
 this in the real raw formats.
+
+The cues are kept plain enough for a model of a few hundred thousand parameters trained for minutes:
+shapes come in two sizes well apart (:data:`SIZES`), and the captions say which (``a big red circle on
+the top left``); a scene of several shapes always has one in the left column and one in the right column
+and one of each size. A Relation question names two shapes in opposite outer columns and a Depth question
+a big and a small one, so each asks about what the captions describe of the shapes the question names
+(the other shapes are distractors).
 """
 from __future__ import annotations
 
@@ -19,6 +26,10 @@ COLORS: dict[str, tuple[int, int, int]] = {"red": (220, 30, 30), "green": (30, 1
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three", "four")
 GRID = 3          # shapes sit in distinct cells of a GRID x GRID layout
+# Half-extent (fraction of the image width) of a shape in a scene of several: 10 and 19 pixels wide in a
+# 64-pixel image (a grid cell is 21); the caption word of each. A lone shape is drawn larger, centred.
+SIZES: dict[str, float] = {"small": 0.08, "big": 0.15}
+LONE_SIZES = (0.2, 0.25, 0.3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +43,14 @@ class Shape:
     @property
     def name(self) -> str:
         return f"{self.color} {self.kind}"
+
+    @property
+    def size_word(self) -> str:
+        return "small" if self.size < SIZES["big"] else "big"
+
+    @property
+    def column(self) -> int:
+        return min(GRID - 1, int(self.x * GRID))
 
     def box(self, side: int) -> tuple[float, float, float, float]:
         """COCO ``[x, y, w, h]`` in pixels for an image ``side`` pixels wide."""
@@ -47,18 +66,26 @@ class Scene:
 
 
 def make_scene(rng: random.Random, scene_id: int, max_shapes: int = 4, word: bool = False) -> Scene:
-    """1..max_shapes shapes of distinct colours in distinct grid cells, sizes well apart."""
+    """1..max_shapes shapes of distinct colours in distinct grid cells; with several, one of them in the left
+    column and one in the right column, at least one small and one big (:data:`SIZES`)."""
     count = rng.randint(1, max_shapes)
     colors = rng.sample(list(COLORS), count)
-    cells = rng.sample(range(GRID * GRID), count)
-    sizes = rng.sample([0.07, 0.10, 0.13, 0.16], count) if count > 1 else [rng.choice([0.2, 0.25, 0.3])]
-    shapes = []
-    for color, cell, size in zip(colors, cells, sizes):
-        cx, cy = (cell % GRID + 0.5) / GRID, (cell // GRID + 0.5) / GRID
-        if count == 1:
-            cx, cy = 0.5, 0.5
-        shapes.append(Shape(rng.choice(SHAPES), color, cx, cy, size))
-    return Scene(scene_id, tuple(shapes), rng.choice(["SALE", "OPEN", "STOP", "EXIT"]) if word else "")
+    if count == 1:
+        return Scene(scene_id, (Shape(rng.choice(SHAPES), colors[0], 0.5, 0.5, rng.choice(LONE_SIZES)),),
+                     _word(rng, word))
+    column = {c: [cell for cell in range(GRID * GRID) if cell % GRID == c] for c in range(GRID)}
+    cells = [rng.choice(column[0]), rng.choice(column[GRID - 1])]
+    cells += rng.sample([c for c in range(GRID * GRID) if c not in cells], count - 2)
+    rng.shuffle(cells)
+    sizes = ["small", "big", *(rng.choice(list(SIZES)) for _ in range(count - 2))]
+    rng.shuffle(sizes)
+    shapes = tuple(Shape(rng.choice(SHAPES), color, (cell % GRID + 0.5) / GRID, (cell // GRID + 0.5) / GRID,
+                         SIZES[size]) for color, cell, size in zip(colors, cells, sizes))
+    return Scene(scene_id, shapes, _word(rng, word))
+
+
+def _word(rng: random.Random, word: bool) -> str:
+    return rng.choice(["SALE", "OPEN", "STOP", "EXIT"]) if word else ""
 
 
 def render(scene: Scene, side: int = 64) -> bytes:
@@ -85,7 +112,7 @@ def render(scene: Scene, side: int = 64) -> bytes:
 def caption(scene: Scene) -> str:
     """A short description naming every shape and where it is."""
     n = len(scene.shapes)
-    parts = [f"a {s.name} on the {position(s)}" for s in scene.shapes]
+    parts = [f"a {s.size_word} {s.name} on the {position(s)}" for s in scene.shapes]
     head = f"{NUMBERS[n]} shape{'s' if n > 1 else ''}: "
     text = head + ", ".join(parts) + "."
     return f'{text} the image shows the word "{scene.word}".' if scene.word else text
@@ -124,13 +151,16 @@ def questions(scene: Scene, rng: random.Random) -> list[Question]:
                                 tuple(c for c in COLORS if c in shown), s.color))
         out.append(Question("shape", f"What shape is the {s.color} object?", s.kind,
                             f"What shape is the {s.color} object?", SHAPES, s.kind))
-    if n >= 2:
-        a, b = rng.sample(shapes, 2)
-        if abs(a.x - b.x) > 0.2:
-            left = a.x < b.x
-            out.append(Question("relation", f"Is the {a.name} left of the {b.name}?", "yes" if left else "no",
-                                f"Is the {a.name} to the left or to the right of the {b.name}?",
-                                ("left", "right"), "left" if left else "right"))
+    sides = [(a, b) for a in shapes for b in shapes if {a.column, b.column} == {0, GRID - 1}]
+    if sides:
+        a, b = rng.choice(sides)
+        left = a.x < b.x
+        out.append(Question("relation", f"Is the {a.name} left of the {b.name}?", "yes" if left else "no",
+                            f"Is the {a.name} to the left or to the right of the {b.name}?",
+                            ("left", "right"), "left" if left else "right"))
+    sized = [(a, b) for a in shapes for b in shapes if a.size_word != b.size_word]
+    if sized:
+        a, b = rng.choice(sized)
         closer = a if a.size > b.size else b
         out.append(Question("depth", f"Which shape is closer to the camera, the {a.name} or the {b.name}?",
                             closer.name, f"Which shape is closer to the camera, the {a.name} or the {b.name}?",

@@ -23,6 +23,7 @@ from data_prep.records import CONVERSION_ERROR, OVER_LENGTH, WRITE_ERROR, Parsed
 from pipeline.chat import DEFAULT_LAYOUT, LAYOUTS, OverLength, encode, get_layout
 from pipeline.data import remote as storage
 from pipeline.data.format import MANIFEST_NAME, MDS_COLUMNS, Manifest, join_images
+from pipeline.data.integrity import SHARD_HASHES
 from pipeline.model.sizes import get_model_size
 from pipeline.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.tokens import TEXT_TARGET
@@ -114,6 +115,10 @@ def convert_item(settings: EncodeSettings, source: str, item: Parsed) -> dict[st
 class DatasetWriter:
     """One dataset folder: MDS shards written with zstd, ``manifest.json`` and a done marker.
 
+    ``index.json`` records an xxh64 of every shard file (compressed and raw,
+    :data:`pipeline.data.integrity.SHARD_HASHES`): training checks each download and each cached copy
+    against it.
+
     With ``remote`` (``s3://bucket/prefix``), ``folder`` is the local staging folder and everything is
     uploaded there; an unfinished remote folder is rewritten under the same object names (MDS numbers
     its shards), so a re-run never duplicates a shard.
@@ -128,7 +133,7 @@ class DatasetWriter:
             shutil.rmtree(folder)
         os.makedirs(folder)
         self._mds = MDSWriter(columns=MDS_COLUMNS, out=(folder, remote) if remote else folder,
-                              compression="zstd", size_limit=size_limit)
+                              compression="zstd", hashes=SHARD_HASHES, size_limit=size_limit)
         self._examples: dict[str, list[str]] = {}
 
     def add(self, result: dict[str, Any] | Skip) -> None:

@@ -24,11 +24,16 @@ Two named layouts (:data:`LAYOUTS`), both starting every sample with BOS:
 
   Multi-turn conversations repeat ``\\n<|user|>\\n…<|end|>\\n<|assistant|>\\n…<|end|>``.
 
-``<image>`` becomes N image-slot tokens (N = the model's visual tokens). :func:`encode` tokenizes the
-whole text of a sample at once, as the official code does, and gives every token the modality of the
-segment its text came from (a token straddling two segments is refused, so the boundaries are exact).
-Generation prompts end where the answer starts; in the released layout the prompt carries the
-answer's leading ``\\n`` as its first (TEXT_TARGET) token.
+``<image>`` becomes N image-slot tokens (N = the model's visual tokens). Text is text: the layout's
+control tokens (role tags, ``<|endofchunk|>``, ``<image>``, BOS, EOS) are placed by the layout as their
+ids, and the record's text (caption, system message, question, answer) is always tokenized as ordinary
+text, so a caption holding ``<|endoftext|>`` or a question holding ``<|assistant|>`` or ``<image>`` can
+neither end a sample, inject a role nor add an image. :func:`encode` tokenizes each run of text between
+two control tokens at once — for ordinary text exactly what tokenizing the whole template string gives,
+as the official code does (a tokenizer splits a string at its special tokens and encodes the pieces
+apart) — and gives every token the modality of the segment its text came from (a token straddling two
+segments is refused, so the boundaries are exact). Generation prompts end where the answer starts; in
+the released layout the prompt carries the answer's leading ``\\n`` as its first (TEXT_TARGET) token.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.model.tokenizer import (ASSISTANT_TAG, END_OF_CHUNK, END_TAG, IMAGE_TOKEN, SYSTEM_TAG, USER_TAG,
-                                      image_token_id)
+                                      control_token_id, encode_text, image_token_id, special_token_ids)
 from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
 
 SYSTEM_MESSAGE = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -48,19 +53,41 @@ SYSTEM_MESSAGE = ("A chat between a curious user and an artificial intelligence 
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """A run of tokens with one modality: text (``text`` set), one image, or the end-of-text token."""
+    """A run of tokens with one modality: ordinary text (``text``), one control token of the layout
+    (``control``: a role tag, ``<|endofchunk|>``, an image's ``<image>``), or the end-of-text token.
+
+    ``text`` is encoded as text whatever it holds; only ``control`` becomes a control token's id.
+    """
 
     modality: int
     text: str | None = None
     end_of_text: bool = False    # the tokenizer's EOS (a TEXT_TARGET segment without text)
+    control: str | None = None   # a control token of the layout, placed as its id
+
+
+def text(modality: int, value: str) -> Segment:
+    """Ordinary text of one modality (a record's caption, question or answer, the template's newlines)."""
+    return Segment(modality, value)
+
+
+def tag(modality: int, token: str) -> Segment:
+    """One control token of the layout (``<|user|>``, ``<|end|>``, ``<|endofchunk|>`` …)."""
+    return Segment(modality, control=token)
 
 
 def image() -> Segment:
-    """One image: expands to N IMAGE slots at encoding time."""
-    return Segment(IMAGE)
+    """One image: one ``<image>`` that expands to N IMAGE slots at encoding time."""
+    return Segment(IMAGE, control=IMAGE_TOKEN)
 
 
 EOS_SEGMENT = Segment(TEXT_TARGET, end_of_text=True)
+
+
+def render(segments: Sequence[Segment], eos: str = "<|endoftext|>") -> str:
+    """The template string of ``segments`` (control tokens and ``<image>`` written out, EOS as ``eos``): what
+    the official code tokenizes as one string. For reading and tests; :func:`encode` never parses it."""
+    return "".join(eos if seg.end_of_text else seg.control if seg.control is not None else seg.text
+                   for seg in segments)
 
 
 # ---- layout-neutral content ---------------------------------------------------------------------------
@@ -90,7 +117,7 @@ class TextLayout:
     """How content becomes text: what closes an answer, whether samples end with EOS, turn splitting."""
 
     name: str
-    answer_end: str          # text closing each answer ("" when the sample's EOS closes it)
+    answer_end: str          # control token closing each answer ("" when the sample's EOS closes it)
     end_with_eos: bool       # every training sample ends with EOS (TEXT_TARGET)
     newline_in_answer: bool  # the ``\n`` after ``<|assistant|>`` belongs to the answer (TEXT_TARGET)
     single_turn: bool        # one (input, answer) turn per sample
@@ -98,7 +125,7 @@ class TextLayout:
 
     def pretrain_segments(self, caption: str) -> list[Segment]:
         """PT template ``<image>{caption}<|endofchunk|>`` (then EOS): the caption is the target."""
-        segs = [image(), Segment(TEXT_TARGET, caption + END_OF_CHUNK)]
+        segs = [image(), text(TEXT_TARGET, caption), tag(TEXT_TARGET, END_OF_CHUNK)]
         return segs + [EOS_SEGMENT] if self.end_with_eos else segs
 
     def chat_segments(self, turns: Sequence[tuple[str, str | None]], num_images: int = 1,
@@ -113,24 +140,27 @@ class TextLayout:
         if self.single_turn and len(turns) > 1:
             raise ValueError(f"layout {self.name!r} holds one turn per sample, got {len(turns)}: give each turn "
                              "its own sample (or use the phi3_chat layout)")
-        newline = "" if self.newline_in_answer else "\n"
-        segs = [Segment(TEXT_INPUT, f"{SYSTEM_TAG}\n{system}{END_TAG}\n")]
+        I, T = TEXT_INPUT, TEXT_TARGET
+        segs = [tag(I, SYSTEM_TAG), text(I, f"\n{system}"), tag(I, END_TAG), text(I, "\n")]
         for i, (user, answer) in enumerate(turns):
+            segs.append(tag(I, USER_TAG))
             if i == 0 and num_images:
-                segs.append(Segment(TEXT_INPUT, f"{USER_TAG}\n"))
+                segs.append(text(I, "\n"))
                 segs.extend(image() for _ in range(num_images))
-                segs.append(Segment(TEXT_INPUT, f"\n{user}{END_TAG}\n{ASSISTANT_TAG}{newline}"))
-            else:
-                segs.append(Segment(TEXT_INPUT, f"{USER_TAG}\n{user}{END_TAG}\n{ASSISTANT_TAG}{newline}"))
+            segs += [text(I, f"\n{user}"), tag(I, END_TAG), text(I, "\n"), tag(I, ASSISTANT_TAG)]
+            if not self.newline_in_answer:
+                segs.append(text(I, "\n"))
             if answer is None:
                 if i != len(turns) - 1:
                     raise ValueError("only the last turn may leave its answer empty (the prompt to answer)")
                 if self.newline_in_answer:
-                    segs.append(Segment(TEXT_TARGET, "\n"))
+                    segs.append(text(T, "\n"))
                 return segs
-            segs.append(Segment(TEXT_TARGET, ("\n" if self.newline_in_answer else "") + answer + self.answer_end))
+            segs.append(text(T, ("\n" if self.newline_in_answer else "") + answer))
+            if self.answer_end:
+                segs.append(tag(T, self.answer_end))
             if i != len(turns) - 1:
-                segs.append(Segment(TEXT_INPUT, "\n"))
+                segs.append(text(I, "\n"))
         return segs + [EOS_SEGMENT] if self.end_with_eos else segs
 
     def segments(self, content: Content, num_images: int) -> list[Segment]:
@@ -203,30 +233,63 @@ class OverLength(ValueError):
 
 def _tokenize_text(tokenizer: PreTrainedTokenizerBase, segments: Sequence[Segment]
                    ) -> tuple[list[int], list[int]]:
-    """Tokenize the segments' joined text at once; return ids and the modality of each id.
+    """The ids of ``segments`` (each image as one ``<image>``) and the modality of each id.
 
-    Each image is written as one ``<image>`` token. The modality of a token is that of the segment
-    where its text starts; every boundary is checked to fall between two tokens (the tokens of the text
-    before it are a prefix of the whole text's tokens).
+    A control segment becomes its token's id. Each run of text segments between two control tokens is
+    tokenized at once as ordinary text (:func:`pipeline.model.tokenizer.encode_text`); whitespace next to
+    a control token that absorbs it (an added token's ``lstrip`` / ``rstrip``) is dropped, as the tokenizer
+    does on a whole string. The modality of a token is that of the segment where its text starts; every
+    boundary inside a run is checked to fall between two tokens (the tokens of the text before it are a
+    prefix of the run's tokens).
     """
-    text, bounds = "", []
-    for seg in segments:
-        text += IMAGE_TOKEN if seg.modality == IMAGE else seg.text
-        bounds.append(len(text))
-    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
-    mods, start = [], 0
-    for seg, end in zip(segments, bounds):
-        if end == len(text):
-            stop = len(ids)
-        else:
-            prefix = tokenizer.encode(text[:end], add_special_tokens=False)
-            stop = len(prefix)
-            if prefix != ids[:stop]:
-                    raise ValueError(f"the tokenizer merges text across the boundary after "
-                                 f"{text[max(0, end - 20):end]!r}; a token must not span two roles of the template")
-        mods.extend([seg.modality] * (stop - start))
-        start = stop
+    special = special_token_ids(tokenizer)
+    added = tokenizer.added_tokens_decoder
+    ids: list[int] = []
+    mods: list[int] = []
+    run: list[Segment] = []
+    strip_left = False
+    for seg in [*segments, None]:
+        if seg is not None and seg.control is None:
+            if seg.text is None:
+                raise ValueError(f"a segment needs text or a control token: {seg}")
+            run.append(seg)
+            continue
+        token_id = None if seg is None else control_token_id(tokenizer, seg.control)
+        token = added.get(token_id)
+        _tokenize_run(tokenizer, run, special, strip_left, bool(getattr(token, "lstrip", False)), ids, mods)
+        run = []
+        if seg is not None:
+            ids.append(token_id)
+            mods.append(seg.modality)
+            strip_left = bool(getattr(token, "rstrip", False))
     return ids, mods
+
+
+def _tokenize_run(tokenizer: PreTrainedTokenizerBase, run: Sequence[Segment], special: frozenset[int],
+                  strip_left: bool, strip_right: bool, ids: list[int], mods: list[int]) -> None:
+    """Append the ids and modalities of a run of text segments (see :func:`_tokenize_text`)."""
+    joined, bounds = "", []
+    for seg in run:
+        joined += seg.text
+        bounds.append(len(joined))
+    lo = len(joined) - len(joined.lstrip()) if strip_left else 0
+    hi = max(lo, len(joined.rstrip()) if strip_right else len(joined))
+    joined = joined[lo:hi]
+    run_ids = encode_text(tokenizer, joined, special)
+    start = 0
+    for seg, end in zip(run, bounds):
+        end = min(max(end - lo, 0), len(joined))
+        if end == len(joined):
+            stop = len(run_ids)
+        else:
+            prefix = encode_text(tokenizer, joined[:end], special)
+            stop = len(prefix)
+            if prefix != run_ids[:stop]:
+                raise ValueError(f"the tokenizer merges text across the boundary after "
+                                 f"{joined[max(0, end - 20):end]!r}; a token must not span two roles of the template")
+        mods.extend([seg.modality] * (stop - start))
+        start = max(start, stop)
+    ids.extend(run_ids)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, segments: Sequence[Segment], num_visual_tokens: int,
@@ -250,7 +313,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, segments: Sequence[Segment], num_
     input_ids = np.asarray(ids, np.int64)
     modality_ids = np.asarray(mods, np.uint8)
     if len(input_ids) and ((input_ids == img_id) != (modality_ids == IMAGE)).any():
-        raise ValueError(f"text contains the image placeholder {IMAGE_TOKEN!r} outside an image segment")
+        raise ValueError(f"the image placeholder {IMAGE_TOKEN!r} appears outside an image segment")
     # Expand each image placeholder into N slots.
     repeats = np.where(modality_ids == IMAGE, num_visual_tokens, 1)
     input_ids, modality_ids = np.repeat(input_ids, repeats).astype(np.int32), np.repeat(modality_ids, repeats)

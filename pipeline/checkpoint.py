@@ -17,6 +17,7 @@ own ``.pt`` files.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -236,25 +237,60 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, trainer_state: d
     return path
 
 
-def load(engine: Any, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+def load(engine: Any, path: str | os.PathLike, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint into ``engine`` (built with ``checkpoint.load_universal`` when
-    :func:`needs_universal`); restores this rank's RNG states. Returns (trainer state, rank state)."""
+    :func:`needs_universal`); restores this rank's RNG states. Returns (trainer state, rank state).
+
+    On another number of ranks, DeepSpeed's universal loader is completed by
+    :func:`pipeline.ds_universal.complete_universal_load` (frozen parameters, ZeRO-3 optimizer steps and
+    group settings). Either way the loaded weights are then checked (:func:`pipeline.weights_check.check_loaded`:
+    all finite, frozen parts equal to those the saving run recorded).
+    """
     import torch.distributed as dist
 
+    from pipeline.weights_check import check_loaded
+
     path = Path(path)
+    trainer_state = read_json(path / TRAINER_STATE)
     if engine.load_universal_checkpoint():
+        from pipeline.ds_universal import complete_universal_load
+
         load_path, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL)
+        if load_path is not None:
+            trainer_state["universal_repairs"] = complete_universal_load(engine, path, path / UNIVERSAL)
     else:
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    trainer_state = read_json(path / TRAINER_STATE)
-    saved = int(trainer_state["world_size"])
-    # Same world size: each rank its own state. Otherwise the states of saved rank (rank mod saved size):
-    # the data loader state is global (streaming resumes any world size), RNG states are per process.
-    rank_state = read_json(path / rank_file(dist.get_rank() % saved))
-    set_rng_state(rank_state.pop("rng"))
-    return trainer_state, rank_state
+    trainer_state["frozen_sha256"] = check_loaded(engine, str(path), trainer_state.get("frozen_sha256"))
+    return trainer_state, restore_rank_state(path, dist.get_rank(), seed)
+
+
+def restore_rank_state(path: str | os.PathLike, rank: int, seed: int) -> dict[str, Any]:
+    """This rank's saved state (data loader) with its RNG states restored.
+
+    The data loader state is global (streaming resumes any world size): a new rank reads rank 0's. RNG states
+    are per process: a rank that existed in the saving run gets its own, a new rank a seeded stream of its
+    own (:func:`seed_new_rank`), never another rank's copy.
+    """
+    trainer_state = read_json(Path(path) / TRAINER_STATE)
+    existed = rank < int(trainer_state["world_size"])
+    rank_state = read_json(Path(path) / rank_file(rank if existed else 0))
+    saved_rng = rank_state.pop("rng")
+    if existed:
+        set_rng_state(saved_rng)
+    else:
+        seed_new_rank(seed, rank, int(trainer_state["step"]))
+    return rank_state
+
+
+def seed_new_rank(seed: int, rank: int, step: int) -> None:
+    """Seed every RNG of a rank that did not exist in the saving run from (seed, rank, step): its own
+    stream, reproducible, and never another rank's copy."""
+    derived = int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:8], "little") >> 1
+    torch.manual_seed(derived)
+    np.random.seed(derived % 2**32)
+    random.seed(derived)
 
 
 def needs_universal(path: str | os.PathLike, world_size: int) -> bool:
@@ -265,4 +301,4 @@ def needs_universal(path: str | os.PathLike, world_size: int) -> bool:
 __all__ = ["CHECKPOINTS", "COMPLETE", "TRAINER_STATE", "UNIVERSAL", "checkpoints_root", "step_tag",
            "list_checkpoints", "is_complete", "latest_complete", "resolve_resume", "mark_complete", "prune",
            "write_json", "read_json", "rank_file", "rng_state", "set_rng_state", "saved_world_size",
-           "ensure_universal", "save", "load", "needs_universal", "SKELETON"]
+           "ensure_universal", "save", "load", "restore_rank_state", "seed_new_rank", "needs_universal", "SKELETON"]

@@ -21,33 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from pipeline.data.remote import DEFAULT_DOWNLOAD_RETRY, DEFAULT_DOWNLOAD_TIMEOUT
 from pipeline.recipes import ConfigError  # noqa: F401  (the error every recipe check raises; imported from here)
+from pipeline.recipes import REPO_ROOT, resolve_path  # noqa: F401  (imported from here by the pipeline)
 from pipeline.recipes import Proportion, apply_overrides, build_dataclass, read_recipe, resolve_recipe
+from pipeline.validation import SCHEDULERS, validate
 
 if TYPE_CHECKING:
     import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
-STAGES = ("pt", "sft")
-PRECISIONS = ("bf16", "fp32")
-COLLATE_MODES = ("pad", "pack")
-ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
-INPUT_ORDERS = ("it", "ti")   # image-then-text (as stored) / text-then-image (DOT)
-SCHEDULE_SPANS = ("stage", "order")
-WANDB_MODES = ("online", "offline", "disabled")
-# LR schedules by transformers.get_scheduler name -> the scheduler_specific_kwargs they take.
-SCHEDULERS: dict[str, typing.Callable[["OptimConfig"], dict[str, Any]]] = {
-    "cosine_with_min_lr": lambda optim: {"min_lr": optim.min_lr},
-    "linear": lambda optim: {},
-    "constant_with_warmup": lambda optim: {},
-}
 
 
 @dataclasses.dataclass
@@ -153,6 +141,27 @@ class DataConfig:
     """Where a T&I pre-training sample puts the image (pipeline.data.dot.TI_PT_IMAGE): "before_end"
     (``<s>{caption}<image><|endofchunk|>``: the caption's end is predicted after the image, so the connector
     learns) or "last" (``<s>{caption}<|endofchunk|><image>``: a text-only step, no connector gradient)."""
+    download_retry: int = DEFAULT_DOWNLOAD_RETRY
+    """Attempts of each download from object storage (a shard, an index, a manifest) before the run gives
+    up; the waits between attempts double from 1 s (1, 2, 4, ... 128 s), so the default 9 rides out an
+    outage of about 4 minutes (255 s of waiting plus the attempts). Only transient errors (unreachable
+    endpoint, dropped connection, timeout, 5xx) are retried; a missing object or a denied access fails at
+    once. Past the last attempt the process prints one line naming the endpoint, the object and the
+    error and exits with status 75 (pipeline.data.remote.EXIT_STORAGE): the job ends instead of hanging,
+    and ``--resume auto`` continues from the last checkpoint."""
+    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT
+    """Seconds one download attempt may wait for the storage to answer (streaming's ``download_timeout``,
+    the client's connect and read timeouts)."""
+    max_skip_fraction: float | None = 0.1
+    """Stop the run when more than this share of the samples read so far (over all ranks) was dropped
+    (undecodable image, image count mismatch, too long, ...), once at least
+    pipeline.metrics.MIN_DROPPED_TO_STOP samples were; None: never stop. Every dropped sample is counted
+    by source and reason in ``metrics.jsonl`` (``dropped``), wandb and the run's summary either way."""
+    on_corrupt_shard: str = "stop"
+    """A shard that still fails its size/hash check against ``index.json`` after one fresh download, or a
+    sample whose token or modality ids are out of range (pipeline.data.integrity): "stop" ends the run
+    with one line naming the dataset, the shard (and the sample); "skip" leaves it out, its samples
+    counted as dropped (reasons ``corrupt_shard`` / ``corrupt_sample``)."""
     phases: list[DataPhase] | None = None
     """Data phases of one run (one optimizer, one LR schedule over all of them), e.g. Kale from step 0
     then OCR-200m from step 250000; each phase reads its datasets from their start. None: one phase of
@@ -181,7 +190,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
     scheduler: str = "cosine_with_min_lr"
-    """transformers.get_scheduler name; one of SCHEDULERS."""
+    """transformers.get_scheduler name; one of pipeline.validation.SCHEDULERS."""
     schedule_span: str = "stage"
     """What one LR schedule (warmup + decay) spans: "stage" (all of ``train.total_steps``, across data
     phases and input orders) or "order" (restarted for each of ``data.orders``, over its share of the steps)."""
@@ -219,6 +228,11 @@ class TrainConfig:
     """DeepSpeed JSON; relative paths are looked up from the working directory, then the repository."""
     max_nonfinite_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss (such steps are skipped)."""
+    step_timeout: float | None = 1800.0
+    """Seconds without a finished optimizer step (or checkpoint) after which each rank prints the stack of
+    every thread and exits non-zero (pipeline.watchdog): a stall (storage, a dead rank, a stuck collective)
+    ends the job instead of holding its allocation; 0 or None: no watchdog. Give room for the slowest
+    step, the first one (compilation) and a checkpoint save."""
     log_every: int = 10
     """Log metrics every this many steps."""
     wandb_project: str = "aki"
@@ -251,8 +265,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     raw = apply_overrides(read_recipe(recipe), list(overrides or []))
     raw.setdefault("name", recipe.stem)
     config = build_dataclass(Config, raw)
-    from pipeline.validation import validate      # imports this module's dataclasses
-
     validate(config)
     return config
 
@@ -269,14 +281,6 @@ def data_phases(data: DataConfig) -> list[DataPhase]:
     if data.phases is not None:
         return list(data.phases)
     return [DataPhase(name="data", start_step=0, mixture=data.mixture, datasets=data.datasets)]
-
-
-def resolve_path(path: str) -> Path:
-    """A path as given (absolute, or relative to the working directory), else relative to the repository."""
-    p = Path(path)
-    if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
-        return p
-    return REPO_ROOT / p
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

@@ -42,8 +42,12 @@ def export_model(model: torch.nn.Module, checkpoint_dir: str | os.PathLike, out_
                  recipe: dict | None = None) -> Path:
     """Write the export folder of ``checkpoint_dir`` using ``model`` (possibly ZeRO-3 partitioned) as the
     skeleton for config and tokenizer. Call on one rank."""
+    from pipeline.weights_check import check_finite_state_dict
+
     out = Path(out_dir)
-    model.save_pretrained(out, state_dict=consolidated_state_dict(checkpoint_dir))
+    state = consolidated_state_dict(checkpoint_dir)
+    check_finite_state_dict(state, f"export of {checkpoint_dir}")
+    model.save_pretrained(out, state_dict=state)
     if recipe is not None:
         import yaml
 
@@ -85,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {ckpt} is not a complete checkpoint (missing or invalid COMPLETE marker); pick one of "
               f"{ckpt.parent}/step_* that has it", file=sys.stderr)
         return 2
+    from pipeline.weights_check import BrokenWeights
+
     model = build_skeleton(ckpt / SKELETON)
-    out = export_model(model, ckpt, args.out_dir, read_json(ckpt / TRAINER_STATE)["config"])
+    try:
+        out = export_model(model, ckpt, args.out_dir, read_json(ckpt / TRAINER_STATE)["config"])
+    except BrokenWeights as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"exported {ckpt} to {out}")
     return 0
 

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 from pipeline.chat import SYSTEM_MESSAGE, Chat, Segment, encode, get_layout
 from pipeline.compat import CACHE_KWARG
@@ -74,11 +75,14 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float,
 def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequence[int]]],
                  pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, streamer: BaseStreamer | None = None
+                 ) -> list[list[int]]:
     """Generate an answer for each ``(input_ids, modality_ids)`` prompt (e.g. an ``Encoded``'s arrays).
 
     ``pixel_values`` holds the prompts' images in order. ``stop_token_ids`` defaults to the model
     tokenizer's stop tokens. Returns the generated ids per prompt, without the stop token.
+    ``streamer`` (transformers' ``TextIteratorStreamer`` for one prompt) receives each step's tokens ``[B]`` as
+    they are chosen, up to the step where every prompt has stopped (that step is not sent), then ``end()``.
     """
     _check_sampling(max_new_tokens, temperature, top_p)
     if stop_token_ids is None:
@@ -110,6 +114,8 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         generated.append(token)
         finished |= torch.isin(token, stops)
+        if streamer is not None and not finished.all():
+            streamer.put(token.cpu())
         if finished.all() or step == max_new_tokens - 1:
             break
         visible = torch.cat([visible, torch.ones_like(visible[:, :1])], dim=1)
@@ -120,6 +126,8 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
             use_cache=True, **{CACHE_KWARG: cache},
         ).last_hidden_state
         logits = model.logits(hidden[:, -1])
+    if streamer is not None:
+        streamer.end()
     return [_until_stop(row, set(stop_token_ids)) for row in torch.stack(generated, dim=1).tolist()]
 
 
@@ -133,13 +141,14 @@ def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
 def generate(model: AKIModel, tokenizer: PreTrainedTokenizerBase | None,
              prompts: Sequence[Chat | Sequence[Segment]], images: Sequence[Sequence[ImageLike]], *,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> list[str]:
+             generator: torch.Generator | None = None, streamer: BaseStreamer | None = None) -> list[str]:
     """Answer each prompt about its images (JPEG bytes, files or PIL images; one per image slot).
 
     A prompt is a ``Chat`` whose last answer is None (laid out in the model's text layout with its
     images) or ready segments (``chat.chat_segments`` with answer None).
 
-    ``tokenizer`` None uses the model's own. Returns the decoded answers, special tokens removed.
+    ``tokenizer`` None uses the model's own; ``streamer`` as :func:`generate_ids`. Returns the decoded
+    answers, special tokens removed.
     """
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is None:
@@ -159,7 +168,7 @@ def generate(model: AKIModel, tokenizer: PreTrainedTokenizerBase | None,
     pixel_values = model.image_processor(flat) if flat else None
     outputs = generate_ids(model, encoded_prompts, pixel_values, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop_token_ids=tokenizer_stop_ids(tokenizer),
-                           generator=generator)
+                           generator=generator, streamer=streamer)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
 

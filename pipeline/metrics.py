@@ -5,6 +5,14 @@ Every optimizer step produces one record (see :class:`StepMetrics`); rank 0 appe
 for ``online`` (``WANDB_MODE`` in the environment wins over the recipe's ``train.wandb_mode``), so no
 run ever touches the network by default; offline runs are synced later with ``wandb sync``.
 
+Dropped samples (an undecodable image, an image count that does not match the text, a sample longer
+than ``data.max_length``, ...) are counted by the collator per record source and reason, summed over
+the ranks every step (:class:`DroppedSamples`) and reported where people look: each step record has
+that step's ``dropped`` count and ``dropped_by_source`` (``{source: {reason: n}}``, empty when none; wandb:
+``train/dropped`` and ``train/dropped_by_source/<source>/<reason>``), and the run ends with a
+``dropped_samples`` event holding the run's totals (also printed as one line and set in the wandb
+summary). Past ``data.max_skip_fraction`` of the samples read the run stops with an error.
+
 MFU (model FLOPs utilisation) = achieved model FLOPs / peak FLOPs of the hardware, with the model FLOPs
 counted analytically (:func:`pipeline.flops.step_flops`, formula written there) — the PaLM convention (Chowdhery
 et al. 2022, appendix B): rematerialisation for activation checkpointing is not counted.
@@ -18,8 +26,9 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -91,6 +100,8 @@ class StepMetrics:
     step_time_s: float
     skipped: bool = False    # non-finite loss: no optimizer update
     data_digest: str = ""    # hash of the global batch's sample ids, in order (same data ⇔ same digest)
+    dropped: int = 0         # samples of this step's global batch dropped by the loader (all ranks)
+    dropped_by_source: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)   # {source: {reason: n}}
 
 
 class MetricsLogger:
@@ -118,8 +129,20 @@ class MetricsLogger:
             return
         record = dataclasses.asdict(metrics)
         self.event(record)
-        self._wandb("log", {f"train/{k}": v for k, v in record.items()
-                            if k not in ("step", "data_digest") and v is not None}, step=metrics.step)
+        values = {f"train/{k}": v for k, v in record.items()
+                  if k not in ("step", "data_digest", "dropped_by_source") and v is not None}
+        values.update({f"train/dropped_by_source/{source}/{reason}": n
+                       for source, reasons in metrics.dropped_by_source.items() for reason, n in reasons.items()})
+        self._wandb("log", values, step=metrics.step)
+
+    def summary(self, record: dict[str, Any], line: str) -> None:
+        """The run's totals: one event in metrics.jsonl, one printed line, the wandb run's summary."""
+        if not self.enabled:
+            return
+        self.event(record)
+        print(line, file=sys.stderr, flush=True)
+        if self.wandb_run is not None:
+            self._wandb("summary.update", {f"data/{k}": v for k, v in record.items() if k not in ("event", "step")})
 
     def _wandb(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Call the wandb run's ``method``. When wandb fails (its service process killed by a job-wide
@@ -128,7 +151,10 @@ class MetricsLogger:
         if self.wandb_run is None:
             return
         try:
-            getattr(self.wandb_run, method)(*args, **kwargs)
+            target = self.wandb_run
+            for name in method.split("."):          # "log", "finish", "summary.update"
+                target = getattr(target, name)
+            target(*args, **kwargs)
         except Exception as err:  # noqa: BLE001  (wandb raises many kinds; none may stop training)
             self.wandb_run = None
             print(f"warning: wandb {method} failed ({type(err).__name__}: {err}); wandb is off for the rest of "
@@ -156,6 +182,89 @@ class MetricsLogger:
     def close(self) -> None:
         self._wandb("finish")
         self.wandb_run = None
+
+
+MIN_DROPPED_TO_STOP = 10   # data.max_skip_fraction stops a run from this many dropped samples on (not on a few)
+
+
+class DroppedSamples:
+    """The samples the loader dropped in this run, by source and reason, summed over the ranks; the stop
+    rule of ``data.max_skip_fraction``. Its state goes into every checkpoint, so the totals and the rule
+    span a resumed run."""
+
+    def __init__(self, max_fraction: float | None):
+        self.max_fraction = max_fraction
+        self.read = 0                              # samples read (kept + dropped) by all ranks
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, batches: Sequence[dict[str, Any]], read: int, dropped: int) -> dict[str, dict[str, int]]:
+        """Count one step: ``batches`` this rank's micro-batches, ``read`` / ``dropped`` the step's samples
+        read and dropped by all ranks (already summed). Returns the step's drops by source over all ranks;
+        gathers them from the ranks (a collective every rank makes: ``dropped`` is the same on all) only
+        when some sample was dropped."""
+        from pipeline.data.collate import by_source
+
+        self.read += int(read)
+        if not dropped:
+            return {}
+        local = [(source, reason, n) for b in batches for source, reasons in b["skipped"].items()
+                 for reason, n in reasons.items()]
+        step: Counter[tuple[str, str]] = Counter()
+        for source, reason, n in _gather_from_ranks(local):
+            step[source, reason] += n
+        self.counts.update(step)
+        return by_source(step)
+
+    def too_many(self) -> str | None:
+        """The error message when the dropped share exceeds ``data.max_skip_fraction``, else None."""
+        if self.max_fraction is None or self.total < MIN_DROPPED_TO_STOP or self.total <= self.max_fraction * self.read:
+            return None
+        return (f"{self.total} of the {self.read} samples read were dropped ({self.total / self.read:.1%} > "
+                f"data.max_skip_fraction={self.max_fraction}): {self.describe()}. Check or rebuild these datasets "
+                f"(or raise data.max_skip_fraction), then resume from the last checkpoint with --resume auto")
+
+    def describe(self) -> str:
+        """``source: reason n, reason n; source: ...`` (``none`` when nothing was dropped)."""
+        from pipeline.data.collate import by_source
+
+        return "; ".join(f"{source or '(no source)'}: " + ", ".join(f"{reason} {n}" for reason, n in reasons.items())
+                         for source, reasons in by_source(self.counts).items()) or "none"
+
+    def summary(self, step: int) -> tuple[dict[str, Any], str]:
+        """The ``dropped_samples`` event of the run's totals, and its printed line."""
+        from pipeline.data.collate import by_source
+
+        fraction = self.total / self.read if self.read else 0.0
+        record = {"event": "dropped_samples", "step": step, "read": self.read, "dropped": self.total,
+                  "fraction": fraction, "by_source": by_source(self.counts)}
+        return record, f"dropped samples: {self.total} of {self.read} read ({fraction:.2%}): {self.describe()}"
+
+    def state_dict(self) -> dict[str, Any]:
+        from pipeline.data.collate import by_source
+
+        return {"read": self.read, "by_source": by_source(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Resume the totals (None: a checkpoint written before they were kept: start from 0)."""
+        state = state or {}
+        self.read = int(state.get("read", 0))
+        self.counts = Counter({(source, reason): int(n) for source, reasons in state.get("by_source", {}).items()
+                               for reason, n in reasons.items()})
+
+
+def _gather_from_ranks(local: list) -> list:
+    """Every rank's list, concatenated in rank order (one rank when there is no process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(local)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [item for part in gathered for item in part]
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:

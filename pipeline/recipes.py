@@ -6,6 +6,7 @@ Generic machinery behind :func:`pipeline.config.load_config`:
   dictionaries recursively, so an ablation recipe states only what differs;
 * :func:`apply_overrides` applies ``section.key=value`` strings, parsing each value with
   ``yaml.safe_load`` (``optim.lr=2e-5``, ``data.orders=[ti,it]``, ``model.tokenizer=null``);
+* :func:`resolve_path` finds a file a recipe names (the working directory first, then the repository);
 * :func:`build_dataclass` turns the dictionary into the annotated dataclasses, refusing unknown keys
   with a "did you mean" suggestion (difflib) and values of the wrong type.
 """
@@ -21,6 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given (absolute, or relative to the working directory), else relative to the repository."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
+        return p
+    return REPO_ROOT / p
 
 
 class ConfigError(ValueError):

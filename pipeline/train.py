@@ -20,6 +20,11 @@ own overflow check drops the accumulated gradients and does not step), logged, a
 
 SIGTERM / SIGUSR1 set a flag; all ranks agree on it in the next step's all-reduce, finish that step,
 save a checkpoint and exit 0 (a requeued job continues with ``--resume auto``).
+
+Samples the loader dropped are summed over the ranks in the same all-reduce and counted by source and
+reason (:class:`pipeline.metrics.DroppedSamples`: each step's record, the run's summary, the stop past
+``data.max_skip_fraction``). A :class:`pipeline.watchdog.StepWatchdog` per rank ends the process with
+every thread's stack when no step finishes within ``train.step_timeout``.
 """
 from __future__ import annotations
 
@@ -42,10 +47,12 @@ from pipeline.config import Config, ConfigError, load_config, save_config
 from pipeline.distributed import setup_distributed
 from pipeline.ds_config import fill_deepspeed_config
 from pipeline.validation import validate_launch
+from pipeline.weights_check import frozen_digest
 from pipeline.flops import BatchShape, count_model, step_flops, visible_pairs
-from pipeline.metrics import MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
+from pipeline.metrics import DroppedSamples, MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
 from pipeline.optim import build_optimizer
 from pipeline.tokens import PAD
+from pipeline.watchdog import StepWatchdog
 from pipeline.zero3 import register_zero_config
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -211,12 +218,19 @@ class Trainer:
                                                                           **info}))
 
         self.step, self.nonfinite_streak, self.skipped_steps = 0, 0, 0
+        self.dropped = DroppedSamples(config.data.max_skip_fraction)
+        self.watchdog = StepWatchdog.from_config(config, self.rank)
         self.run_id = uuid.uuid4().hex[:8]
+        repairs = None
         if self.resume_from is not None:
-            state, rank_state = ckpt.load(self.engine, self.resume_from)
+            state, rank_state = ckpt.load(self.engine, self.resume_from, seed=config.train.seed)
             self.step, self.run_id = int(state["step"]), state["wandb_run_id"]
             self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.frozen_sha256, repairs = state["frozen_sha256"], state.get("universal_repairs")
+            self.dropped.load_state_dict(state.get("dropped"))
             self.data.load_state_dict(rank_state["data"], self.step)
+        else:
+            self.frozen_sha256 = frozen_digest(self.engine.module)   # written into every checkpoint, checked on resume
         phase("data_and_resume_s")
         self.logger = MetricsLogger(self.output_dir, self.rank == 0, config.train.wandb_project,
                                     config.train.wandb_mode, self.run_id, config.name, config.to_dict())
@@ -227,7 +241,8 @@ class Trainer:
             self.logger.event({"event": "startup", "step": self.step, **phases})
             if self.resume_from is not None:
                 self.logger.event({"event": "resumed", "step": self.step, "checkpoint": str(self.resume_from),
-                                   "universal": universal, "world_size": self.world})
+                                   "universal": universal, "world_size": self.world,
+                                   "frozen_sha256": self.frozen_sha256, "universal_repairs": repairs})
         self.stop_signal: int | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._request_stop)
@@ -250,9 +265,10 @@ class Trainer:
                                sum(visible_pairs(b["modality_ids"], b.get("document_ids"), mode, n_visual)
                                    for b in batches),
                                sum(b["num_samples"] for b in batches),
+                               sum(n for b in batches for reasons in b["skipped"].values() for n in reasons.values()),
                                float(self.stop_signal is not None)], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
-        targets, tokens, grid, images, pairs, samples, stop = counts.tolist()
+        targets, tokens, grid, images, pairs, samples, dropped, stop = counts.tolist()
         lr = self.scheduler.get_last_lr()[0]
         step_loss = forward_backward(self.engine, batches, self.prepare, self.world / max(targets, 1.0), targets)
         finite = math.isfinite(step_loss)
@@ -261,7 +277,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm() if finite else None
         return {"loss": step_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                 "targets": int(targets), "tokens": tokens, "grid": grid, "images": images, "pairs": pairs,
-                "samples": samples, "stop": stop > 0, "finite": finite}
+                "samples": samples, "dropped": int(dropped), "stop": stop > 0, "finite": finite}
 
     def data_digest(self, batches: list[dict[str, Any]]) -> str:
         """Hash of the global batch in global micro-batch order (micro index, then rank)."""
@@ -284,6 +300,7 @@ class Trainer:
         bar = tqdm(total=t.total_steps, initial=self.step, disable=self.rank != 0, desc=self.config.name,
                    dynamic_ncols=True)
         saved_at = self.step if self.resume_from is not None else None
+        self.watchdog.start(self.step)
         while self.step < t.total_steps:
             start = time.perf_counter()
             batches = self.data.micro_batches(self.step, self.gas)
@@ -294,6 +311,7 @@ class Trainer:
             elapsed = time.perf_counter() - start
             self.nonfinite_streak = 0 if r["finite"] else self.nonfinite_streak + 1
             self.skipped_steps += 0 if r["finite"] else 1
+            dropped = self.dropped.add(batches, r["samples"], r["dropped"])
             flops = step_flops(self.flops, BatchShape(tokens=int(r["tokens"]), grid_tokens=int(r["grid"]),
                                                       predicted=r["targets"], visible_pairs=int(r["pairs"]),
                                                       images=int(r["images"])))
@@ -302,8 +320,9 @@ class Trainer:
                 samples_per_s=r["samples"] / elapsed, tokens_per_s=r["tokens"] / elapsed,
                 target_tokens=r["targets"], mfu=None if peak is None else flops / (elapsed * peak * self.world),
                 peak_mem_gb=peak_memory_gb(), data_wait_share=waited / elapsed, step_time_s=elapsed,
-                skipped=not r["finite"], data_digest=digest)
+                skipped=not r["finite"], data_digest=digest, dropped=r["dropped"], dropped_by_source=dropped)
             self.logger.log(metrics)
+            self.watchdog.beat(self.step)
             bar.update(1)
             if self.rank == 0 and (self.step % t.log_every == 0 or not r["finite"]):
                 bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", refresh=False)
@@ -316,21 +335,35 @@ class Trainer:
                         f"{self.step - self.nonfinite_streak + 1}..{self.step}; train.max_nonfinite_steps="
                         f"{t.max_nonfinite_steps}); every such step was skipped. Lower optim.lr or raise "
                         f"optim.warmup_steps, check the data, and resume from the last checkpoint with --resume")
+            if self.dropped.too_many():
+                self.logger.summary(*self.dropped.summary(self.step))
+                raise RuntimeError(self.dropped.too_many())
             stop = r["stop"] or self.step == self.stop_at_step
             if stop or self.step % t.save_every == 0 or self.step == t.total_steps:
                 self.save()
                 saved_at = self.step
+                self.watchdog.beat(self.step)
             if stop:
+                self.watchdog.stop()
                 self.logger.event({"event": "stopped", "step": self.step, "signal": self.stop_signal})
+                self.logger.summary(*self.dropped.summary(self.step))
                 bar.close()
                 return None
         bar.close()
         if saved_at != self.step:
             self.save()
+        self.watchdog.stop()
+        self.logger.summary(*self.dropped.summary(self.step))
+        if self.nonfinite_streak:
+            raise RuntimeError(
+                f"the run's last {self.nonfinite_streak} step(s) (to step {self.step}) had a non-finite loss and "
+                f"were skipped, so it ends without an export; the final checkpoint is kept for inspection. Check the "
+                f"data and the learning rate, then resume from an earlier checkpoint with --resume CKPT_DIR")
         return self.export()
 
     def save(self) -> Path:
-        state = {"wandb_run_id": self.run_id, "skipped_steps": self.skipped_steps, "config": self.config.to_dict()}
+        state = {"wandb_run_id": self.run_id, "skipped_steps": self.skipped_steps, "config": self.config.to_dict(),
+                 "dropped": self.dropped.state_dict(), "frozen_sha256": self.frozen_sha256}
         from pipeline.export import save_skeleton
 
         path = ckpt.save(self.engine, self.output_dir, self.step, state, {"data": self.data.state_dict()},
@@ -354,6 +387,7 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        self.watchdog.stop()
         self.data.close()
         self.logger.close()
 

@@ -10,12 +10,28 @@ from __future__ import annotations
 import difflib
 import os
 import typing
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import (ATTN_IMPLEMENTATIONS, COLLATE_MODES, INPUT_ORDERS, PRECISIONS, SCHEDULE_SPANS,
-                             SCHEDULERS, STAGES, WANDB_MODES, Config, DataConfig, DatasetSource, data_phases,
-                             resolve_path)
 from pipeline.data.remote import is_remote
-from pipeline.recipes import ConfigError
+from pipeline.recipes import ConfigError, resolve_path
+
+if TYPE_CHECKING:       # the recipe's dataclasses (pipeline.config imports this module to validate them)
+    from pipeline.config import Config, DataConfig, DatasetSource, OptimConfig
+
+# The values a recipe may choose from (the dataclasses in pipeline.config document each key).
+STAGES = ("pt", "sft")
+PRECISIONS = ("bf16", "fp32")
+COLLATE_MODES = ("pad", "pack")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
+INPUT_ORDERS = ("it", "ti")   # image-then-text (as stored) / text-then-image (DOT)
+SCHEDULE_SPANS = ("stage", "order")
+WANDB_MODES = ("online", "offline", "disabled")
+# LR schedules by transformers.get_scheduler name -> the scheduler_specific_kwargs they take.
+SCHEDULERS: dict[str, typing.Callable[["OptimConfig"], dict[str, Any]]] = {
+    "cosine_with_min_lr": lambda optim: {"min_lr": optim.min_lr},
+    "linear": lambda optim: {},
+    "constant_with_warmup": lambda optim: {},
+}
 
 
 def _choice(value: str, choices: typing.Iterable[str], key: str) -> None:
@@ -50,6 +66,13 @@ def validate(config: Config) -> None:
     if d.predownload is not None:
         _positive(d.predownload, "data.predownload")
     _positive(d.num_workers, "data.num_workers", allow_zero=True)
+    if d.download_retry < 1:
+        raise ConfigError(f"config `data.download_retry` must be >= 1 (attempts of each download), got "
+                          f"{d.download_retry}")
+    _positive(d.download_timeout, "data.download_timeout")
+    if d.max_skip_fraction is not None and not 0 <= d.max_skip_fraction < 1:
+        raise ConfigError(f"config `data.max_skip_fraction` must be in [0, 1) (a share of the samples read), "
+                          f"got {d.max_skip_fraction}; null never stops the run")
     if d.collate == "pack" and d.pack_tokens < d.max_length:
         raise ConfigError(f"config `data.pack_tokens` ({d.pack_tokens}) is smaller than `data.max_length` "
                           f"({d.max_length}): a packed row must hold the longest sample")
@@ -81,6 +104,8 @@ def validate(config: Config) -> None:
     for key in ("global_batch_size", "micro_batch_size", "total_steps", "save_every", "keep_last",
                 "max_nonfinite_steps", "log_every"):
         _positive(getattr(t, key), f"train.{key}")
+    if t.step_timeout is not None:
+        _positive(t.step_timeout, "train.step_timeout", allow_zero=True)
     if o.warmup_steps >= t.total_steps:
         raise ConfigError(f"config `optim.warmup_steps` ({o.warmup_steps}) must be below `train.total_steps` "
                           f"({t.total_steps})")
@@ -167,7 +192,7 @@ def validate_launch(config: Config, world_size: int) -> int:
                           "`data.datasets` (e.g. --set 'data.datasets=[{path: data/kale}]')")
     paths = {"train.deepspeed": config.train.deepspeed, "train.init_from": config.train.init_from,
              "model.tokenizer": config.model.tokenizer}
-    for i, phase in enumerate(data_phases(d)):
+    for i, phase in enumerate([d] if d.phases is None else d.phases):    # data_phases(d), keyed as in the recipe
         key = "data" if d.phases is None else f"data.phases[{i}]"
         paths[f"{key}.mixture"] = phase.mixture
         paths.update({f"{key}.datasets[{j}].path": s.path for j, s in enumerate(phase.datasets or [])})

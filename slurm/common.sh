@@ -5,8 +5,10 @@
 #   aki_launch MODULE ARGS...   run `python -m MODULE ARGS` on every GPU of every node of the job:
 #                               srun starts one torchrun per node, the ranks meet by c10d rendezvous
 #                               on the job's first node; outside SLURM one local torchrun.
-#   aki_finish RC               after a launch: requeue the job when it was told to stop (USR1),
-#                               otherwise exit with the launch's status.
+#   aki_finish RC               after a launch: requeue the job when it was told to stop (USR1) or
+#                               a rank ended on a transient failure (storage unreachable past its retry
+#                               window, a stalled step: the line in AKI_REQUEUE_FILE), at most
+#                               AKI_MAX_REQUEUES times; otherwise exit with the launch's status.
 # Preemption: `#SBATCH --signal=B:USR1@N` makes SLURM signal this batch shell N seconds before the
 # time limit. The trap forwards USR1 to the ranks (torchrun itself ignores it), the trainer saves a
 # checkpoint at the next step boundary and exits 0, and aki_finish requeues the job; the requeued job
@@ -61,6 +63,25 @@ if aki_in_slurm; then
   : "${RDZV_HOST:=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
   : "${RDZV_PORT:=$((29500 + SLURM_JOB_ID % 10000))}"
 fi
+
+# --- requeue after a transient failure ----------------------------------------------------------------
+: "${AKI_MAX_REQUEUES:=3}" # requeues after transient failures (SLURM_RESTART_COUNT counts every requeue)
+
+# aki_requeue_transient RC: a rank wrote a transient failure into AKI_REQUEUE_FILE; requeue the job if
+# the budget allows (returns when it does not; the caller then exits with RC).
+aki_requeue_transient() {
+  local restarts="${SLURM_RESTART_COUNT:-0}"
+  aki_log "the ranks stopped on a transient failure (exit status $1): $(head -n 1 "$AKI_REQUEUE_FILE")"
+  if ! aki_in_slurm; then
+    aki_log "run the same command again to resume from the last checkpoint"
+  elif ((restarts >= AKI_MAX_REQUEUES)); then
+    aki_log "not requeueing: job $SLURM_JOB_ID was requeued $restarts time(s) already (AKI_MAX_REQUEUES=$AKI_MAX_REQUEUES)"
+  else
+    aki_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1)), at most $AKI_MAX_REQUEUES)"
+    scontrol requeue "$SLURM_JOB_ID" || aki_die "scontrol requeue $SLURM_JOB_ID failed; resubmit to resume"
+    sleep 60 # SLURM ends this script as part of the requeue
+  fi
+}
 
 # --- stop signals -----------------------------------------------------------------------------------
 AKI_STOP_SIGNAL=""  # the signal that asked this job to stop (USR1: preemption warning), if any
@@ -137,6 +158,7 @@ aki_finish() {
   local rc="$1"
   if [[ "$AKI_STOP_SIGNAL" != USR1 ]]; then
     if [[ -n "$AKI_STOP_SIGNAL" ]]; then aki_log "stopped on SIG$AKI_STOP_SIGNAL (exit status $rc)"; fi
+    if ((rc != 0)) && [[ -z "$AKI_STOP_SIGNAL" && -s "${AKI_REQUEUE_FILE:-}" ]]; then aki_requeue_transient "$rc"; fi
     exit "$rc"
   fi
   if ((rc != 0)); then
@@ -168,6 +190,8 @@ aki_train() {
   local -a extra=()
   read -r -a extra <<<"${TRAIN_ARGS:-}"
   aki_log "recipe $RECIPE -> $OUTPUT_DIR (DeepSpeed: ${DS_CONFIG:-as in the recipe}; restart ${SLURM_RESTART_COUNT:-0})"
+  export AKI_REQUEUE_FILE="$RANK_LOG_DIR/requeue" # on the shared file system: every node's ranks write here
+  mkdir -p "$RANK_LOG_DIR" && rm -f "$AKI_REQUEUE_FILE"
   local rc=0
   aki_launch pipeline.train "${args[@]}" "${extra[@]}" "$@" || rc=$?
   aki_finish "$rc"

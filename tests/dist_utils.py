@@ -3,7 +3,9 @@
 ``python tests/dist_utils.py probe PROBE_DIR -- <pipeline.train arguments>`` runs the real trainer (under
 torchrun) and around it saves the engine's logits on a fixed batch (before and after training), computed
 by the live ZeRO-3 engine with its partitioned weights. ``AKI_TEST_NAN_STEPS=2,3`` makes the model's
-loss non-finite on those optimizer steps (fault injection for the non-finite-loss guard).
+loss non-finite on those optimizer steps (fault injection for the non-finite-loss guard);
+``AKI_TEST_STALL=RANK:STEP`` makes that rank's forward of that optimizer step sleep for an hour (a stalled
+rank, for the step watchdog).
 """
 from __future__ import annotations
 
@@ -127,6 +129,18 @@ def _probe(probe_dir: str, train_args: list[str]) -> int:
             return out
 
         AKIModel.forward = poisoned
+    if os.environ.get("AKI_TEST_STALL"):
+        import time
+
+        stall_rank, stall_step = map(int, os.environ["AKI_TEST_STALL"].split(":"))
+        before_stall = AKIModel.forward
+
+        def stalled(self, *a, **kw):
+            if self.training and TRAINER.step + 1 == stall_step and dist.get_rank() == stall_rank:
+                time.sleep(3600)
+            return before_stall(self, *a, **kw)
+
+        AKIModel.forward = stalled
     args = parse_args(train_args)
     global TRAINER
     TRAINER = trainer = Trainer(prepare_config(args), resume=args.resume, stop_at_step=args.stop_at_step)

@@ -131,8 +131,9 @@ def test_block_mask_dense_and_eager_paths_give_the_same_logits(mode, tiny_model_
         want = dense_model(ids, mods, pixels, docs)
         for backend in ("flex_attention_eager", "eager"):
             got = tiny_model_factory(mode, backend)(ids, mods, pixels, docs)
-            torch.testing.assert_close(got.logits[real], want.logits[real], atol=2e-5, rtol=1e-5)
-            torch.testing.assert_close(got.loss, want.loss, atol=2e-5, rtol=1e-5)
+            # other kernels, other summation order: measured at most 4.8e-7 apart (fp32, 2-core x86 CPU)
+            torch.testing.assert_close(got.logits[real], want.logits[real], atol=3e-6, rtol=1e-6)
+            torch.testing.assert_close(got.loss, want.loss, atol=3e-6, rtol=1e-6)
 
 
 def test_unknown_mode_is_a_clear_error(tiny_size):

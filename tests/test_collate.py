@@ -1,6 +1,8 @@
 """Collation: padding and packing lay samples out correctly and give the model the same loss."""
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -104,7 +106,9 @@ def test_collator_drops_and_counts_bad_samples(samples):
     short = [s for s in samples if len(s["input_ids"]) <= 40]
     batch = collator(samples + [{SKIP_KEY: "unreadable_image", "source": "x"}])
     assert batch["num_samples"] == len(samples) + 1
-    assert batch["skipped"] == {"over_max_length": len(samples) - len(short), "unreadable_image": 1}
+    too_long = Counter(s["source"] for s in samples if len(s["input_ids"]) > 40)
+    assert batch["skipped"] == {**{source: {"over_max_length": n} for source, n in too_long.items()},
+                                "x": {"unreadable_image": 1}}
     assert sorted(batch["sources"]) == sorted(s["source"] for s in short)
 
 
@@ -113,7 +117,7 @@ def test_all_skipped_batch_is_a_placeholder_the_model_runs(tiny_tokenizer):
 
     collator = Collator("pad", pad_id=tiny_tokenizer.pad_token_id, max_length=16, image_size=SIDE)
     batch = collator([{SKIP_KEY: "image_count_mismatch", "source": "x"}])
-    assert batch["skipped"] == {"image_count_mismatch": 1} and batch["num_target_tokens"] == 0
+    assert batch["skipped"] == {"x": {"image_count_mismatch": 1}} and batch["num_target_tokens"] == 0
     assert batch["modality_ids"][0, 0] == TEXT_INPUT and batch["pixel_values"].shape == (0, 3, SIDE, SIDE)
     out = AKIModel("tiny", tiny_tokenizer)(**{k: batch[k] for k in MODEL_INPUTS})
     out.loss_sum.backward()  # every rank can still run forward and backward

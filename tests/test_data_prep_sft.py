@@ -134,17 +134,19 @@ def test_gqa_corrupt_image_and_unconvertible_or_unwritable_records_are_skipped(t
           "204": {"imageId": "broken", "question": "What is it?", "answer": "cup"},
           "20\ud8005": {"imageId": "2354786", "question": "Is it red?", "answer": "yes"},   # id MDS cannot store
           "206": {"imageId": "2354786", "question": "Is the cup blue?", "answer": "yes"},
-          "207": {"imageId": "2354786", "question": "Is <image> a cup?", "answer": "yes"}}   # encoding refuses
+          "207": {"imageId": "2354786", "question": "Is <image> a cup?", "answer": "yes"}}   # text, not an image
     path = tmp_path / "q.json"
     path.write_text(json.dumps(qs))                         # json escapes the lone surrogate as \ud800
     samples, manifest = env(tmp_path, "gqa", {"questions": str(path), "images": str(tmp_path / "images")})
-    assert ids_of(samples) == ["201", "202", "206"]
+    assert ids_of(samples) == ["201", "202", "206", "207"]
     check(env, samples[0], SHORT + "Which room is it?", "bedroom")
     check(env, samples[1], SHORT + "Is the cup red?", "no")
     check(env, samples[2], SHORT + "Is the cup blue?", "yes")
-    assert manifest.skipped == {"empty_text": 1, "corrupt_image": 1, "write_error": 1, "conversion_error": 1}
+    literal = samples[3]                                     # one image; the question keeps its "<image>" as text
+    assert (literal["modality_ids"] == IMAGE).sum() == TINY.num_visual_tokens and len(literal["pixel_values"]) == 1
+    assert SHORT + "Is <image> a cup?" in env.tokenizer.decode(literal["input_ids"][literal["modality_ids"] != IMAGE])
+    assert manifest.skipped == {"empty_text": 1, "corrupt_image": 1, "write_error": 1}
     assert "UnicodeEncodeError" in manifest.extra["skipped_examples"]["write_error"][0]
-    assert manifest.extra["skipped_examples"]["conversion_error"][0].startswith("207: ValueError")
 
 
 def test_vsr_questions_are_built_word_by_word(tmp_path, env):

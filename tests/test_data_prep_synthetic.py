@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from data_prep.pretrain import main as pretrain_main
 from data_prep.sft.build import main as sft_main
@@ -27,6 +28,25 @@ def test_world_is_deterministic(tmp_path):
     assert listing(tmp_path / "a") != listing(generate_world(str(tmp_path / "c"), seed=6, num_pretrain=8,
                                                              num_sft=4, num_eval=4).root)
     assert os.path.isdir(a.kale)
+
+
+def test_two_data_builds_of_one_seed_are_byte_identical(tmp_path):
+    """What the quickstart builds from a seed (world, tokenizer, PT shards, SFT mixture) into its folder is the
+    same bytes on every run, with several worker processes too."""
+    from pipeline.model.tokenizer import build_tiny_tokenizer
+
+    builds, root = [], tmp_path / "build"
+    for _ in range(2):
+        shutil.rmtree(root, ignore_errors=True)
+        world = generate_world(str(root / "world"), seed=3, num_pretrain=16, num_sft=6, num_eval=0, per_tar=4)
+        tokenizer = build_tiny_tokenizer(world_texts(seed=3, num_scenes=20), root / "tokenizer")
+        common = ["--tokenizer", tokenizer, "--model-size", "tiny", "--workers", "2"]
+        pretrain_main([world.kale, "--source", "kale", "--out", str(root / "data/pt"), "--tars-per-part", "1",
+                       *common])
+        sft_main(["--sources", world.sources_yaml, "--out", str(root / "data/sft"), "--seed", "3", *common])
+        builds.append(listing(root))
+    assert builds[0] == builds[1]
+    assert sum(".mds" in path for path in builds[0]) > 4 and "data/sft/mixture.yaml" in builds[0]
 
 
 def test_world_through_the_command_lines(tmp_path, tiny_tokenizer_path):

@@ -90,9 +90,10 @@ def test_bad_records_are_skipped_and_counted(datasets, tiny_tokenizer):
     batches = epoch(loader)
     skipped = {}
     for b in batches:
-        for reason, n in b["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"unreadable_image": 1, "image_count_mismatch": 1}
+        for source, reasons in b["skipped"].items():
+            for reason, n in reasons.items():
+                skipped[source, reason] = skipped.get((source, reason), 0) + n
+    assert skipped == {("gamma", "unreadable_image"): 1, ("gamma", "image_count_mismatch"): 1}
     assert sum(len(b["sources"]) for b in batches) == 6
     del loader
     gc.collect()

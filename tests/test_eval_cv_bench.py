@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.chat import SYSTEM_MESSAGE, get_layout
+from pipeline.chat import SYSTEM_MESSAGE, get_layout, render
 from pipeline.eval import cv_bench, pope
 from pipeline.eval.readers import read_cv_bench, read_pope
 from pipeline.tokens import IMAGE, TEXT_INPUT, TEXT_TARGET
@@ -21,10 +21,11 @@ def test_prompt_is_the_papers_multiple_choice_input(cv_items):
         "Answer with the option's letter from the given choices directly. How many chairs are in the image?\n"
         "Options:\nA. 3\nB. 2\nC. 1\nD. 0\n")
     segs = get_layout("released").segments(cv_bench.prompt(item), 1)
-    assert [s.modality for s in segs] == [TEXT_INPUT, TEXT_INPUT, IMAGE, TEXT_INPUT, TEXT_TARGET]
-    assert segs[0].text == f"<|system|>\n{SYSTEM_MESSAGE}<|end|>\n"
-    assert segs[3].text.endswith("Options:\nA. 3\nB. 2\nC. 1\nD. 0\n<|end|>\n<|assistant|>")
-    assert segs[4].text == "\n"    # the released model's answers start with this newline
+    assert render(segs) == (f"<|system|>\n{SYSTEM_MESSAGE}<|end|>\n<|user|>\n<image>\n{cv_bench.question_input(item)}"
+                            "<|end|>\n<|assistant|>\n")
+    assert [s.modality for s in segs].count(IMAGE) == 1
+    assert {s.modality for s in segs[:-1]} == {TEXT_INPUT, IMAGE}
+    assert (segs[-1].modality, segs[-1].text) == (TEXT_TARGET, "\n")   # the released model's answers start with it
 
 
 def test_scores_from_awkward_outputs_by_hand(cv_items):

@@ -17,7 +17,7 @@ from pipeline.inspect.roles import Role, token_roles
 from pipeline.inspect.samples import Sample, packed_row
 from pipeline.inspect.share import image_question_share
 from pipeline.model import attention
-from pipeline.model.tokenizer import role_tag_ids
+from pipeline.model.tokenizer import USER_TAG, role_tag_ids
 from pipeline.tokens import IMAGE, TEXT_TARGET
 
 
@@ -29,17 +29,18 @@ def chat_sample(tokenizer, turns, num_images, n, layout="released", name="s"):
     enc = encode(tokenizer, segments, n)
     prefix_lengths = [len(encode(tokenizer, segments[:i], n).input_ids) for i in range(len(segments) + 1)]
     expected = [Role.SYSTEM] * prefix_lengths[0]      # BOS
-    seen_image = False
+    first_user = next(i for i, seg in enumerate(segments) if seg.control == USER_TAG)
+    first_image = next((i for i, seg in enumerate(segments) if seg.modality == IMAGE), len(segments))
     for i, seg in enumerate(segments):
         length = prefix_lengths[i + 1] - prefix_lengths[i]
         if seg.modality == IMAGE:
-            role, seen_image = Role.IMAGE, True
+            role = Role.IMAGE
         elif seg.modality == TEXT_TARGET:
             role = Role.ANSWER
-        elif i == 0:
+        elif i < first_user:
             role = Role.SYSTEM
         else:
-            role = Role.USER if not seen_image and segments[i + 1].modality == IMAGE else Role.QUESTION
+            role = Role.USER if i < first_image else Role.QUESTION
         expected += [role] * length
     assert len(expected) == len(enc.input_ids)
     sample = Sample(name, enc.input_ids.astype(np.int64), enc.modality_ids.astype(np.int64),

@@ -65,7 +65,8 @@ def test_packed_documents_equal_documents_alone(mode, tiny_model_factory, make_l
             n_img = int((mods[0][sel] == IMAGE).sum()) // model.num_visual_tokens
             alone = model(ids[:, sel], mods[:, sel], pixels[image_index:image_index + n_img]).logits[0]
             image_index += n_img
-            torch.testing.assert_close(packed[sel], alone, atol=2e-5, rtol=1e-5)
+            # shorter rows, other summation order: measured at most 2.1e-7 apart (fp32, 2-core x86 CPU)
+            torch.testing.assert_close(packed[sel], alone, atol=3e-6, rtol=1e-6)
 
 
 def test_causal_mode_equals_plain_phi3(tiny_model_factory):

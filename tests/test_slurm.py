@@ -142,6 +142,57 @@ def _complete_checkpoints(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
+def _finish(tmp_path: Path, rc: int, reason: str | None, restarts: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """``aki_finish RC`` of slurm/common.sh in a batch shell of job 4242 (tests/fake_slurm.py as scontrol),
+    after a launch whose rank wrote ``reason`` (or nothing) into AKI_REQUEUE_FILE."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from fake_slurm import install
+
+    tmp_path.mkdir(parents=True)
+    requeue_file = tmp_path / "requeue"
+    if reason is not None:
+        requeue_file.write_text(reason + "\n")
+    env = {**os.environ, "PATH": f"{install(str(tmp_path / 'bin'))}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_SLURM_ROOT": str(tmp_path), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_JOB_NODELIST": "node0", "SLURM_RESTART_COUNT": str(restarts), "AKI_ROOT": str(REPO),
+           "AKI_PYTHON": sys.executable, "AKI_REQUEUE_FILE": str(requeue_file), "CPU_PROCS_PER_NODE": "1"}
+    proc = subprocess.run(["bash", "-c", f'source "$AKI_ROOT/slurm/common.sh"; aki_finish {rc}'], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return proc, tmp_path / "requeued"
+
+
+@pytest.mark.parametrize("exit_status", [75, 124])
+def test_a_transient_failure_requeues_the_job_within_its_budget(tmp_path, exit_status):
+    """A rank that gave up on the storage (75) or stalled (124) wrote its reason: the job is requeued, at most
+    AKI_MAX_REQUEUES (3) times; without a reason a failure is not requeued."""
+    reason = f"{exit_status} [rank 1] s3://bucket/pt/shard.00007.mds: EndpointConnectionError (endpoint http://s3)"
+    proc, requeued = _finish(tmp_path / "first", 1, reason, restarts=0)
+    assert requeued.read_text() == "4242\n", proc.stderr
+    assert "transient failure" in proc.stderr and "shard.00007.mds" in proc.stderr and "restart 1" in proc.stderr
+    proc, requeued = _finish(tmp_path / "spent", 1, reason, restarts=3)
+    assert proc.returncode == 1 and not requeued.exists() and "requeued 3 time(s) already" in proc.stderr
+    proc, requeued = _finish(tmp_path / "plain", 1, None, restarts=0)      # any other failure: not requeued
+    assert proc.returncode == 1 and not requeued.exists() and "transient" not in proc.stderr
+
+
+def test_exit_now_writes_the_reason_of_a_transient_failure_for_the_batch_script(tmp_path):
+    from pipeline.data.integrity import EXIT_CORRUPT
+    from pipeline.data.remote import EXIT_STORAGE
+    from pipeline.watchdog import EXIT_STALLED, REQUEUE_STATUSES
+
+    assert {EXIT_STORAGE, EXIT_STALLED} == REQUEUE_STATUSES and EXIT_CORRUPT not in REQUEUE_STATUSES
+    for status in (EXIT_STORAGE, EXIT_CORRUPT):
+        out = tmp_path / f"requeue-{status}"
+        proc = subprocess.run([sys.executable, "-c", f"from pipeline.watchdog import exit_now; "
+                               f"exit_now('storage at http://s3 unreachable', {status})"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "AKI_REQUEUE_FILE": str(out), "RANK": "3"})
+        assert proc.returncode == status and "error: [rank 3] storage at http://s3 unreachable" in proc.stderr
+        assert out.exists() == (status == EXIT_STORAGE)
+        if out.exists():
+            assert out.read_text() == f"{status} [rank 3] storage at http://s3 unreachable\n"
+
+
 def test_usr1_saves_requeues_and_resumes_without_losing_or_repeating_a_step(slurm, tiny_pt_data, tmp_path):
     run_dir = tmp_path / "run"
     job = _submit(tmp_path, run_dir, tiny_pt_data)

@@ -19,11 +19,13 @@ Either way the batch is::
     document_ids  long [R, L] or None
     num_samples   int           samples consumed (kept + skipped): what the loader's resume state counts
     num_target_tokens int       TEXT_TARGET tokens that carry a loss (for loss normalisation)
-    skipped       dict[str, int] samples dropped in this batch, by reason
+    skipped       dict[str, dict[str, int]] samples dropped in this batch: {source: {reason: count}}
     sources       list[str]     source of every kept sample
 
 Only the keys in :data:`MODEL_INPUTS` go to the model. A sample that is too long, or that the dataset
-marked unreadable, is dropped and counted in ``skipped``. When nothing is left, the batch is a single
+marked unreadable, is dropped and counted in ``skipped`` by its record's source and the reason
+(:data:`SKIP_REASONS`, or the dataset's own); the trainer sums the counts over ranks into the run's
+metrics (:class:`pipeline.metrics.DroppedSamples`). When nothing is left, the batch is a single
 placeholder row without targets (loss 0), so every rank still runs the same forward and backward —
 ZeRO-3 gathers parameters collectively and would hang if one rank skipped a step.
 """
@@ -40,6 +42,7 @@ from pipeline.tokens import PAD, TEXT_INPUT
 
 MODEL_INPUTS = ("input_ids", "modality_ids", "pixel_values", "document_ids")
 SKIP_KEY = "skip"   # a sample dict carrying this key (the reason) was dropped by the dataset
+OVER_MAX_LENGTH = "over_max_length"   # the reason of a sample longer than ``data.max_length`` (dropped here)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -115,13 +118,13 @@ class Collator:
         self.pixel_dtype = pixel_dtype
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        skipped: Counter[str] = Counter()
+        skipped: Counter[tuple[str, str]] = Counter()
         kept = []
         for sample in samples:
             if SKIP_KEY in sample:
-                skipped[sample[SKIP_KEY]] += 1
+                skipped[sample.get("source", ""), sample[SKIP_KEY]] += 1
             elif len(sample["input_ids"]) > self.max_length:
-                skipped["over_max_length"] += 1
+                skipped[sample.get("source", ""), OVER_MAX_LENGTH] += 1
             else:
                 kept.append(sample)
         batch = collate(kept or [self._placeholder()], self.mode, self.pad_id, self.pack_tokens,
@@ -129,7 +132,7 @@ class Collator:
         if not kept:
             batch["sources"] = []
         batch["num_samples"] = len(samples)
-        batch["skipped"] = dict(skipped)
+        batch["skipped"] = by_source(skipped)
         return batch
 
     def _placeholder(self) -> dict[str, Any]:
@@ -138,4 +141,12 @@ class Collator:
                 "pixel_values": torch.zeros(0, 3, self.image_size, self.image_size), "source": ""}
 
 
-__all__ = ["MODEL_INPUTS", "SKIP_KEY", "Collator", "collate", "pack_rows"]
+def by_source(counts: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """``{(source, reason): n}`` as ``{source: {reason: n}}`` (sorted: the same on every rank)."""
+    out: dict[str, dict[str, int]] = {}
+    for (source, reason), n in sorted(counts.items()):
+        out.setdefault(source, {})[reason] = n
+    return out
+
+
+__all__ = ["MODEL_INPUTS", "OVER_MAX_LENGTH", "SKIP_KEY", "Collator", "by_source", "collate", "pack_rows"]

@@ -13,6 +13,12 @@ Before anything streams, every dataset folder's manifest is checked against the 
 visual tokens N and the tokenizer fingerprint must match (:func:`pipeline.data.format.check_manifest`).
 A record that cannot be decoded is not fatal: it is marked, dropped by the collator and counted in the
 batch's ``skipped`` by reason.
+
+Damaged data is never trained on (:mod:`pipeline.data.integrity`): every shard file is checked against
+``index.json`` (size, and hash when the dataset has hashes) when it is downloaded or decompressed and
+when a cached copy is reused, and every sample's token and modality ids are checked against the
+tokenizer before the model sees them; what fails stops the run naming the dataset, the shard and the
+sample, or with ``data.on_corrupt_shard: skip`` is dropped and counted.
 """
 from __future__ import annotations
 
@@ -29,8 +35,11 @@ from pipeline.config import (Config, DataConfig, DataPhase, DatasetSource, data_
                              training_dtype)
 from pipeline.data import remote as storage
 from pipeline.data.collate import SKIP_KEY, Collator
+from pipeline.data.downloads import FailFastDownloads, RetryingStream
 from pipeline.data.format import (MANIFEST_NAME, Manifest, check_manifest, image_lengths, read_manifest,
                                   split_images)
+from pipeline.data.integrity import (CORRUPT_SAMPLE, CORRUPT_SHARD, EXIT_CORRUPT, CheckedStream, CorruptSampleError,
+                                     CorruptShardError, check_on_corrupt, id_problem)
 from pipeline.data.mixture import load_mixture
 from pipeline.data.registration import one_registration_at_a_time
 from pipeline.model.sizes import get_model_size
@@ -52,11 +61,18 @@ class StreamSource:
     samples: int | None = None
     """A seeded sample of this many samples per epoch (streaming's ``choose``); None: all, by ``proportion``."""
 
-    def stream(self) -> Stream:
-        """The mosaicml-streaming Stream of this source."""
+    def stream(self, on_corrupt: str = "stop") -> Stream:
+        """The mosaicml-streaming Stream of this source (``on_corrupt``: ``data.on_corrupt_shard``)."""
         if self.samples is not None:
-            return Stream(remote=self.remote, local=self.local, choose=self.samples)
-        return Stream(remote=self.remote, local=self.local, proportion=self.proportion)
+            return TrainingStream(name=self.name, on_corrupt=on_corrupt, remote=self.remote, local=self.local,
+                                  choose=self.samples)
+        return TrainingStream(name=self.name, on_corrupt=on_corrupt, remote=self.remote, local=self.local,
+                              proportion=self.proportion)
+
+
+class TrainingStream(CheckedStream, RetryingStream):
+    """A stream whose shard files are checked (:class:`~pipeline.data.integrity.CheckedStream`) and whose
+    downloads retry blips (:class:`~pipeline.data.downloads.RetryingStream`)."""
 
 
 def resolve_sources(data: DataPhase | DataConfig, cache_dir: str | None = None) -> list[StreamSource]:
@@ -113,6 +129,7 @@ def source_manifest(source: StreamSource) -> Manifest:
 def check_data_access(data: DataConfig) -> None:
     """Read the mixtures and every stream's manifest of every phase, so that a missing bucket, a wrong
     credential or a wrong prefix is one clear error before training starts (raises ConfigError)."""
+    storage.configure_retries(data.download_retry, data.download_timeout)
     for source in (s for phase in data_phases(data) for s in resolve_sources(phase, data.cache_dir)):
         try:
             source_manifest(source)
@@ -128,24 +145,68 @@ def check_sources(sources: Sequence[StreamSource], num_visual_tokens: int, finge
                        text_layout)
 
 
-class AKIStreamingDataset(StreamingDataset):
+class AKIStreamingDataset(FailFastDownloads, StreamingDataset):
     """A StreamingDataset whose samples are decoded for the model.
 
     Each sample is ``{input_ids int64[L], modality_ids int64[L], pixel_values float[n, 3, S, S],
     source, id}``, or ``{"skip": reason, source, id}`` when the record cannot be used.
+
+    ``num_token_ids`` (the tokenizer's size) and ``image_token_id`` bound the stored ids: a sample outside
+    them raises :class:`~pipeline.data.integrity.CorruptSampleError` naming the dataset, the shard and the
+    sample (``on_corrupt="skip"``: it is dropped as ``corrupt_sample``); None: only modality ids are checked.
     """
 
     def __init__(self, *, image_processor: ImageProcessorFn, image_size: int, num_visual_tokens: int,
+                 num_token_ids: int | None = None, image_token_id: int | None = None, on_corrupt: str = "stop",
                  **kwargs: Any):
         super().__init__(**kwargs)
         self.image_processor = image_processor
         self.image_size = image_size
         self.num_visual_tokens = num_visual_tokens
+        self.num_token_ids = num_token_ids
+        self.image_token_id = image_token_id
+        self.on_corrupt = check_on_corrupt(on_corrupt)
+
+    def on_exception(self, future: Any) -> None:
+        """A shard found corrupt by a background download ends the process with its one line (status
+        EXIT_CORRUPT, not the storage error's: running again would not help); other errors as before."""
+        err = future.exception()
+        if isinstance(err, CorruptShardError):
+            from pipeline.watchdog import exit_now
+
+            exit_now(str(err), EXIT_CORRUPT)
+        else:
+            super().on_exception(future)
+
+    def _where(self, sample_id: int) -> str:
+        """Where ``sample_id`` is stored: its dataset, shard file and index in the shard."""
+        shard_id, index = self.spanner[sample_id]
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        raw_info, zip_info = self.shards[shard_id].file_pairs[0]
+        dataset = getattr(stream, "where", f"dataset {stream.remote or stream.local}")
+        return f"{dataset}: shard {(zip_info or raw_info).basename}, sample {index}"
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-        raw = super().get_item(sample_id, retry)
+        stream = self.streams[self.stream_per_shard[self.spanner[sample_id][0]]]
+        shard = self.shards[self.spanner[sample_id][0]]
+        left_out = {SKIP_KEY: CORRUPT_SHARD, "source": getattr(stream, "name", ""), "id": ""}
+        if isinstance(stream, CheckedStream) and stream.is_skipped(shard):
+            return left_out
+        try:
+            raw = super().get_item(sample_id, retry)
+        except RuntimeError:        # streaming's "failed to download a shard": one just left out, here?
+            if isinstance(stream, CheckedStream) and stream.is_skipped(shard):
+                return left_out
+            raise
         meta = {"source": raw.get("source", ""), "id": raw.get("id", "")}
         modality_ids = np.asarray(raw["modality_ids"]).astype(np.int64)
+        problem = id_problem(np.asarray(raw["input_ids"]), modality_ids, self.num_token_ids, self.image_token_id)
+        if problem:
+            if self.on_corrupt == "skip":
+                return {SKIP_KEY: CORRUPT_SAMPLE, **meta}
+            raise CorruptSampleError(f"{self._where(sample_id)} (record {meta['id']!r}): {problem}; the shard is "
+                                     "damaged or was written with another tokenizer: rebuild the dataset, or set "
+                                     "data.on_corrupt_shard=skip to drop such samples")
         n_slots = int((modality_ids == IMAGE).sum())
         try:
             lengths = image_lengths(raw["image_lengths"])
@@ -171,9 +232,11 @@ class AKIDataLoader(StreamingDataLoader):
 
 
 def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: ImageProcessorFn | None = None,
-                  check: bool = True, phase: DataPhase | None = None) -> AKIStreamingDataset:
+                  check: bool = True, phase: DataPhase | None = None, num_token_ids: int | None = None,
+                  image_token_id: int | None = None) -> AKIStreamingDataset:
     """The StreamingDataset of one data phase (default: the recipe's first); checks the manifests first
-    unless ``check`` is False.
+    unless ``check`` is False. ``num_token_ids`` / ``image_token_id`` (from the tokenizer) bound every
+    sample's ids (:class:`AKIStreamingDataset`).
 
     Streams limited to ``samples`` use streaming's fixed sampling: the same seeded subset in every epoch.
     """
@@ -189,13 +252,23 @@ def build_dataset(config: Config, tokenizer_fingerprint: str, image_processor: I
     limited = any(s.samples is not None for s in sources)
     cache_limit = _phase_cache_limit(sources, config.data, phase.name)
     try:
+        on_corrupt = check_on_corrupt(config.data.on_corrupt_shard)
+    except ValueError as err:
+        raise ConfigError(f"config `data.on_corrupt_shard`: {err}") from None
+    streams = [s.stream(on_corrupt) for s in sources]
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:     # the node's first process, before any lock is taken
+        for stream in streams:
+            stream.verify_cache()
+    try:
         with one_registration_at_a_time():
             dataset = AKIStreamingDataset(
                 image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
-                streams=[s.stream() for s in sources], batch_size=config.train.micro_batch_size,
+                num_token_ids=num_token_ids, image_token_id=image_token_id, on_corrupt=on_corrupt,
+                streams=streams, batch_size=config.train.micro_batch_size,
                 shuffle=config.data.shuffle, shuffle_seed=config.data.shuffle_seed,
                 sampling_method="fixed" if limited else "balanced", cache_limit=cache_limit,
-                predownload=config.data.predownload, num_canonical_nodes=config.data.num_canonical_nodes)
+                predownload=config.data.predownload, num_canonical_nodes=config.data.num_canonical_nodes,
+                download_retry=config.data.download_retry, download_timeout=config.data.download_timeout)
     except ValueError as err:
         if cache_limit and "cache" in str(err).lower():         # streaming's own cache-limit checks
             raise ConfigError(f"config `data.cache_limit` ({cache_limit}): {err}") from None
@@ -272,9 +345,10 @@ def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProce
     Rank and world size come from the usual environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) that
     torchrun / DeepSpeed set. ``tokenizer`` gives the pad id and the fingerprint the data must match.
     """
-    from pipeline.model.tokenizer import tokenizer_fingerprint
+    from pipeline.model.tokenizer import image_token_id, tokenizer_fingerprint
 
-    dataset = build_dataset(config, tokenizer_fingerprint(tokenizer), image_processor, check, phase)
+    dataset = build_dataset(config, tokenizer_fingerprint(tokenizer), image_processor, check, phase,
+                            num_token_ids=len(tokenizer), image_token_id=image_token_id(tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return AKIDataLoader(dataset, batch_size=config.train.micro_batch_size, collate_fn=build_collator(config, pad_id),
                          num_workers=config.data.num_workers, drop_last=True,

@@ -7,6 +7,11 @@ start: both orders of a DOT stage read the same samples in the same sequence, an
 begins at the first shuffled sample of its datasets. The optimizer and the LR schedule belong to the
 trainer and do not notice a switch.
 
+A loader that cannot go on — a download failed past ``data.download_retry`` (a missing shard, storage
+down for longer than the retry window), a loader worker died — ends the process with one line saying
+why (:func:`pipeline.data.remote.exit_on_storage_error`) instead of a traceback per rank, a hang or
+an epoch that ends early.
+
 Resume: :meth:`PhasedLoader.state_dict` names the phase and holds its loader's streaming state.
 Loaded at a step of that phase, the loader continues at the exact sample; loaded at the first step of a
 later phase (a checkpoint taken right at the end of the previous one), that phase starts fresh.
@@ -18,6 +23,7 @@ import gc
 from typing import Any, Callable
 
 from pipeline.config import Config, ConfigError, DataPhase, data_phases
+from pipeline.data import remote
 from pipeline.data.dot import TEXT_FIRST, TI_PT_IMAGE, DotSchedule, prompt_suffix_tokens, to_text_first
 
 
@@ -54,6 +60,7 @@ class PhasedLoader:
     def __init__(self, config: Config, tokenizer: Any, image_processor: Any = None,
                  on_start: Callable[[dict[str, Any]], None] | None = None):
         self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
+        remote.configure_retries(config.data.download_retry, config.data.download_timeout)
         self.phases = plan_phases(config)
         self.on_start = on_start
         text_first = any(p.order == TEXT_FIRST for p in self.phases)
@@ -69,7 +76,20 @@ class PhasedLoader:
         return max(i for i, p in enumerate(self.phases) if p.start_step <= step)
 
     def micro_batches(self, step: int, count: int) -> list[dict[str, Any]]:
-        """The next ``count`` micro-batches for step ``step``, in the phase's input order."""
+        """The next ``count`` micro-batches for step ``step``, in the phase's input order (a loader that
+        fails for good ends the process: see the module docstring)."""
+        try:
+            return self._micro_batches(step, count)
+        except remote.RemoteError as err:  # a worker's arrives as "...\npipeline.data.remote.RemoteError: <line>"
+            remote.exit_on_storage_error(_last_line(err).split("RemoteError: ", 1)[-1])
+        except RuntimeError as err:        # raised by torch (a worker died) or streaming (an index never came)
+            message = _last_line(err)
+            if type(err) is RuntimeError and ("DataLoader worker" in message or "download" in message):
+                remote.exit_on_storage_error(f"the data loader stopped: {message}",
+                                             remote.EXIT_STORAGE if "download" in message else 1)
+            raise
+
+    def _micro_batches(self, step: int, count: int) -> list[dict[str, Any]]:
         self._enter(self.phase_at(step))
         phase, out = self.phases[self.index], []
         for _ in range(count):
@@ -126,6 +146,12 @@ class PhasedLoader:
         self.batches = self.loader = None
         self.index = None
         gc.collect()
+
+
+def _last_line(err: BaseException) -> str:
+    """The last line of an error's message (a loader worker's error arrives with its traceback above it)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 __all__ = ["Phase", "PhasedLoader", "plan_phases"]

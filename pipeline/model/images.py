@@ -8,30 +8,42 @@ torch operation on the decoded uint8 array: the same pixels, several times faste
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.compat import SiglipImageProcessor
 
 ImageLike = Union[Image.Image, bytes, str, os.PathLike]
 
 
+@contextlib.contextmanager
+def strict_decoding() -> Iterator[None]:
+    """Decode with truncated files refused, whatever a library imported in this process (lmms-eval does)
+    set Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` to; the global is restored afterwards."""
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+
+
 def load_image(image: ImageLike) -> Image.Image:
     """Open JPEG/PNG bytes or a file path as an RGB PIL image (PIL images pass through, converted).
 
-    Raises ``ValueError`` naming the input when it is not a readable image.
+    Raises ``ValueError`` naming the input when it is not a readable image (a truncated file included).
     """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     where = f"{len(image)} bytes" if isinstance(image, (bytes, bytearray)) else f"file {os.fspath(image)!r}"
     try:
         source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else os.fspath(image)
-        with Image.open(source) as img:
+        with strict_decoding(), Image.open(source) as img:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read an image from {where}: {err}; give JPEG/PNG data") from err

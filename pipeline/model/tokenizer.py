@@ -62,6 +62,37 @@ def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return _require_token(tokenizer, IMAGE_TOKEN)
 
 
+def control_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """Id of a control token of the text layout (a role tag, ``<|endofchunk|>``, ``<image>``), with a clear
+    error when the tokenizer lacks it."""
+    return _require_token(tokenizer, token)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, special: frozenset[int] | None = None) -> list[int]:
+    """Ids of ``text`` as ordinary text: a special-token string inside it (``<|endoftext|>``, ``<image>``,
+    ``<|assistant|>``, ``<s>`` …) is tokenized like any other characters, never as a control token.
+
+    transformers' ``split_special_tokens=True``; the result is checked against the control ids (``special``,
+    default :func:`special_token_ids`), so a tokenizer that ignores the flag is an error rather than a
+    record with injected roles.
+    """
+    if not text:
+        return []
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    control = special_token_ids(tokenizer) if special is None else special
+    if any(i in control for i in ids):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} turned text into control tokens despite "
+                         f"split_special_tokens=True ({text[:60]!r}); use a transformers tokenizer that supports it")
+    return ids
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids of the tokenizer's special (control) tokens: BOS, EOS, pad, role tags, ``<image>`` … (not ``<unk>``,
+    which ordinary text may produce)."""
+    ids = set(tokenizer.all_special_ids) | {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    return frozenset(ids - {tokenizer.unk_token_id})
+
+
 def role_tag_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """Ids of the chat role tags, keyed by tag: ``<|system|>``, ``<|user|>``, ``<|assistant|>``, ``<|end|>``."""
     return {tag: _require_token(tokenizer, tag) for tag in (SYSTEM_TAG, USER_TAG, ASSISTANT_TAG, END_TAG)}
