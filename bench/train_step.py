@@ -411,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> Result | None:
     notes = [bench.describe() + (f"; LoRA rank {args.lora_rank} on the LLM's attention and MLP layers, connector "
                                  f"trained in full{', base layers in 4 bits (QLoRA nf4)' if args.qlora else ''}"
                                  if args.lora else "; full fine-tuning"),
+             *(["LoRA: model FLOPs are counted as for full fine-tuning of the same model (6·N per token, the "
+                "adapters' N included), so FLOP/s and MFU compare step times with full fine-tuning's, not the "
+                "work done (the frozen weights need no weight gradients: about 4·N)"] if args.lora else []),
              f"size {args.size}, mode {args.mode}, attn {args.attn}; synthetic batch, data loading not timed",
              "MFU formula: pipeline/flops.py (6·N·tokens for trainable weights, LM head only where a target is "
              "predicted, visible attention pairs, frozen vision forward); peak: "

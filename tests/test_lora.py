@@ -237,3 +237,22 @@ def test_qlora_holds_the_adapted_base_in_4_bits_and_trains_only_adapters_and_con
 
 def probe_batch_for(model):
     return probe_batch(model.tokenizer, num_visual_tokens=model.num_visual_tokens, image_size=model.image_size)
+
+
+def test_train_step_bench_measures_lora_against_full_fine_tuning(tmp_path):
+    """``python -m bench.train_step --lora``: fewer trainable parameters than full fine-tuning of the same
+    size, and AdamW's measured states are its two fp32 moments of exactly those parameters."""
+    from bench import train_step
+
+    common = ["--device", "cpu", "--size", "tiny", "--runs", "sft-packed", "--pack-tokens", "256", "--text-mean", "20",
+              "--warmup", "0", "--iters", "1", "--out", str(tmp_path)]
+    figures = {}
+    for name, extra in (("full", []), ("lora", ["--lora", "--lora-rank", "2"])):
+        result = train_step.main(common + extra)
+        figures[name] = {f.name: f.value for f in result.figures}
+    full, lora = figures["full"], figures["lora"]
+    assert 0 < lora["trainable parameters"] < full["trainable parameters"]
+    for f in (full, lora):
+        states = f["optimizer states (AdamW m, v; measured, per rank)"] * 2**30
+        assert states == pytest.approx(8 * f["trainable parameters"] * 1e6)
+    assert (tmp_path / "train_step-lora-cpu.json").is_file() and (tmp_path / "train_step-cpu.json").is_file()
