@@ -29,7 +29,7 @@ TF5_SKIP := not answer_tokens_never_leak_backwards and not packed_documents_equa
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,eval,demo]'
+	$(PY) -m pip install -q -e '.[test,eval,demo,qlora]'
 	# DeepSpeed's CPU communication op, built once here rather than inside the first test's time limit
 	DS_ACCELERATOR=cpu $(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
 	touch $(STAMP)

@@ -289,11 +289,12 @@ def render_readme(folder: str | os.PathLike) -> str:
         if goal.needs_gpu and not decided:
             row = row.rsplit("|", 1)[0] + f"| {NO_GPU}"
         lines.append(f"| {goal.what} | {goal.describe()} | {row} |")
-    lines += ["", "GPU figures are taken by `bench/gpu_check.sh` on one H100/H200 in under 8 minutes: "
+    lines += ["", "GPU figures are taken by `bench/gpu_check.sh` on one H100/H200 in under 10 minutes: "
               "`python -m bench.attention` (FlexAttention vs SDPA, every mode, rows of 2,048 and 4,096 tokens), "
               "`python -m bench.train_step` for `pt-packed` and `sft-packed` at AKI-4B, single process (upper "
               "bound) and `--engine deepspeed` (the trainer's step: the recipe's tuned ZeRO-3, and ZeRO-2 for the "
-              "cost of sharding), with peak memory; each JSON names the GPU and the command. The CPU benchmarks: "
+              "cost of sharding), with peak memory, and its LoRA and QLoRA variants (`--lora`, `--qlora`: trainable "
+              "parameters, optimizer and gradient memory); each JSON names the GPU and the command. The CPU benchmarks: "
               "`python -m bench.loader` and `python -m bench.prep`.", ""]
     if not any(rec["device"].startswith("cuda") for rec in records):
         lines += ["No GPU figure yet: every GPU goal above is " + NO_GPU.split(":")[0] + ".", ""]

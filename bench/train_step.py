@@ -30,6 +30,15 @@ AdamW states, fused AdamW) or fp32 with bf16 autocast (``--precision amp``); the
     python -m bench.train_step --engine deepspeed                # the trainer's step, ZeRO-3 of the recipe
     python -m bench.train_step --engine deepspeed --deepspeed ds_configs/zero2_single_gpu.json   # cost of ZeRO-3
     python -m bench.train_step --device cpu --size small --iters 3
+
+``--lora`` (either engine) wraps the same model as a LoRA run does (:func:`pipeline.lora.apply_lora`:
+adapters of ``--lora-rank`` on the LLM's attention and MLP layers, connector trained in full, the rest
+frozen; ``--qlora`` also holds the adapted base layers in 4 bits) and adds its trainable parameters, the
+measured optimizer-state bytes and the gradient bytes to the figures; the same command without ``--lora``
+gives full fine-tuning of the same size to compare with (results ``train_step[-deepspeed-zeroN]-lora``).
+
+    python -m bench.train_step --device cpu --size small --runs sft-packed --lora
+    python -m bench.train_step --engine deepspeed --deepspeed ds_configs/zero2_single_gpu.json --lora
 """
 from __future__ import annotations
 
@@ -132,6 +141,7 @@ class TorchEngine:
             self.model = AKIModel(args.size, attention_mode=args.mode, attn_implementation=args.attn)
         if on_gpu and args.precision == "bf16":
             self.model.to(torch.bfloat16)
+        wrap_lora(self.model, args, torch.bfloat16 if on_gpu and args.precision == "bf16" else torch.float32)
         self.model.train()
         if args.checkpointing == "full":
             self.model.gradient_checkpointing_enable()
@@ -197,9 +207,13 @@ class DeepSpeedEngine:
             model = build_partitioned(
                 lambda: AKIModel(m.size, attention_mode=m.attention_mode, attn_implementation=m.attn_implementation),
                 self.ds_config, lambda model: [model.vision, model.resampler, model.projection, model.llm])
+        wrap_lora(model, args, training_dtype(config))
         if m.activation_checkpointing:
             model.gradient_checkpointing_enable()
         self.engine, _ = build_engine(model, config, self.ds_config)
+        self.optimizer = self.engine.optimizer.optimizer if hasattr(self.engine.optimizer, "optimizer") \
+            else self.engine.optimizer       # the torch AdamW inside DeepSpeed's ZeRO wrapper
+        self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self.model, self.config = self.engine.module, config
         self.pixel_dtype = training_dtype(config)
         stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -252,6 +266,28 @@ class DeepSpeedEngine:
 
 
 # ---------------------------------------------------------------------------------------------------
+
+def wrap_lora(model: torch.nn.Module, args: argparse.Namespace, compute_dtype: torch.dtype) -> None:
+    """``--lora``: the model as a LoRA run trains it (adapters on the LLM, connector in full)."""
+    if args.lora:
+        from pipeline.lora import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig(rank=args.lora_rank, quantize="nf4" if args.qlora else None), 0, compute_dtype)
+
+
+def training_memory_figures(bench, world: int) -> list[Figure]:
+    """Trainable parameters, AdamW state bytes (measured, per rank) and gradient bytes (one copy of the
+    trainable parameters; ZeRO-2/3 keep 1/world of them per rank) after the timed steps."""
+    params = [p for p in bench.model.parameters() if p.requires_grad]
+    trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+    state = sum(t.numel() * t.element_size() for s in bench.optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor) and t.dim() > 0)
+    shards = world if getattr(bench, "zero_stage", 0) >= 2 else 1
+    grads = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in params) / shards
+    return [Figure("trainable parameters", trainable / 1e6, "M"),
+            Figure("optimizer states (AdamW m, v; measured, per rank)", state / 2**30, "GiB"),
+            Figure("gradients (trainable parameters x their dtype's bytes, per rank)", grads / 2**30, "GiB")]
+
 
 def time_run(run: Run, bench, args: argparse.Namespace) -> Timed:
     size = bench.model.size
@@ -327,6 +363,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="peak FLOP/s per device for MFU (default: the GPU's dense bf16 peak by its name; "
                              "none on CPU)")
+    parser.add_argument("--lora", action="store_true",
+                        help="LoRA fine-tuning of the same model (pipeline.lora), see above")
+    parser.add_argument("--lora-rank", type=int, default=64, help="--lora: adapter rank")
+    parser.add_argument("--qlora", action="store_true", help="--lora with the adapted base layers in 4 bits "
+                                                             "(bitsandbytes nf4)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     add_common_args(parser)
@@ -339,6 +380,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.pack_rows = args.pack_rows or (4 if on_gpu else 1)
     if args.engine == "torch":
         args.checkpointing = args.checkpointing or "none"
+    args.lora = args.lora or args.qlora
     return args
 
 
@@ -365,7 +407,13 @@ def main(argv: Sequence[str] | None = None) -> Result | None:
         if args.engine == "deepspeed":
             settings[name]["micro_batch"] = bench.micro_batch
         figures += run_figs
-    notes = [bench.describe(),
+    figures += training_memory_figures(bench, bench.world)
+    notes = [bench.describe() + (f"; LoRA rank {args.lora_rank} on the LLM's attention and MLP layers, connector "
+                                 f"trained in full{', base layers in 4 bits (QLoRA nf4)' if args.qlora else ''}"
+                                 if args.lora else "; full fine-tuning"),
+             *(["LoRA: model FLOPs are counted as for full fine-tuning of the same model (6·N per token, the "
+                "adapters' N included), so FLOP/s and MFU compare step times with full fine-tuning's, not the "
+                "work done (the frozen weights need no weight gradients: about 4·N)"] if args.lora else []),
              f"size {args.size}, mode {args.mode}, attn {args.attn}; synthetic batch, data loading not timed",
              "MFU formula: pipeline/flops.py (6·N·tokens for trainable weights, LM head only where a target is "
              "predicted, visible attention pairs, frozen vision forward); peak: "
@@ -377,8 +425,8 @@ def main(argv: Sequence[str] | None = None) -> Result | None:
                     Figure("best run's model FLOP/s over the matmul yardstick", best / yardstick, "fraction")]
     if not peak:
         notes.append("MFU n/a without a known peak (pass --peak-flops); the GPU goals are to be taken on H100/H200")
-    name = result_name("train_step" if args.engine == "torch" else f"train_step-deepspeed-zero{settings['zero_stage']}",
-                       args)
+    name = result_name(("train_step" if args.engine == "torch" else f"train_step-deepspeed-zero{settings['zero_stage']}")
+                       + ("-qlora" if args.qlora else "-lora" if args.lora else ""), args)
     result = Result(name, command_line("bench.train_step", argv), settings, figures, args.device, notes)
     if getattr(bench, "rank", 0) != 0:
         return None

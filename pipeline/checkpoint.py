@@ -210,11 +210,13 @@ def ensure_universal(path: str | os.PathLike) -> Path:
 
 
 def save(engine: Any, output_dir: str | os.PathLike, step: int, trainer_state: dict[str, Any],
-         rank_state: dict[str, Any], keep_last: int, write_extra: Callable[[Path], None] | None = None) -> Path:
+         rank_state: dict[str, Any], keep_last: int, write_extra: Callable[[Path], None] | None = None,
+         trainable_only: bool = False) -> Path:
     """Save a resumable checkpoint from every rank; rank 0 completes it and prunes old ones.
 
     ``rank_state`` (JSON) is this rank's data loader state; the RNG states are added here.
-    ``write_extra(path)`` runs on rank 0 before the checkpoint is marked complete.
+    ``write_extra(path)`` runs on rank 0 before the checkpoint is marked complete. ``trainable_only``:
+    leave the frozen parameters out (LoRA runs: the frozen base is re-read from ``train.init_from``).
     """
     import torch.distributed as dist
 
@@ -224,7 +226,7 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, trainer_state: d
     if rank == 0 and path.exists():
         shutil.rmtree(path)          # a partial directory left by an earlier attempt at this step
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=trainable_only)
     write_json(path / rank_file(rank), {**rank_state, "rng": rng_state()})
     dist.barrier()
     if rank == 0:
@@ -237,14 +239,18 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, trainer_state: d
     return path
 
 
-def load(engine: Any, path: str | os.PathLike, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+def load(engine: Any, path: str | os.PathLike, seed: int = 0,
+         load_module: Callable[[dict[str, Any], torch.nn.Module], None] | None = None
+         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint into ``engine`` (built with ``checkpoint.load_universal`` when
     :func:`needs_universal`); restores this rank's RNG states. Returns (trainer state, rank state).
 
     On another number of ranks, DeepSpeed's universal loader is completed by
     :func:`pipeline.ds_universal.complete_universal_load` (frozen parameters, ZeRO-3 optimizer steps and
     group settings). Either way the loaded weights are then checked (:func:`pipeline.weights_check.check_loaded`:
-    all finite, frozen parts equal to those the saving run recorded).
+    all finite, frozen parts equal to those the saving run recorded). ``load_module(state, module)`` replaces
+    DeepSpeed's strict module load (a checkpoint of the trainable parameters only:
+    :func:`pipeline.lora.load_trainable`).
     """
     import torch.distributed as dist
 
@@ -255,11 +261,11 @@ def load(engine: Any, path: str | os.PathLike, seed: int = 0) -> tuple[dict[str,
     if engine.load_universal_checkpoint():
         from pipeline.ds_universal import complete_universal_load
 
-        load_path, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL)
+        load_path, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL, custom_load_fn=load_module)
         if load_path is not None:
             trainer_state["universal_repairs"] = complete_universal_load(engine, path, path / UNIVERSAL)
     else:
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, custom_load_fn=load_module)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     trainer_state["frozen_sha256"] = check_loaded(engine, str(path), trainer_state.get("frozen_sha256"))

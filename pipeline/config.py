@@ -29,6 +29,7 @@ import yaml
 from pipeline.data.remote import DEFAULT_DOWNLOAD_RETRY, DEFAULT_DOWNLOAD_TIMEOUT
 from pipeline.recipes import ConfigError  # noqa: F401  (the error every recipe check raises; imported from here)
 from pipeline.recipes import REPO_ROOT, resolve_path  # noqa: F401  (imported from here by the pipeline)
+from pipeline.lora import LoraConfig
 from pipeline.recipes import Proportion, apply_overrides, build_dataclass, read_recipe, resolve_recipe
 from pipeline.validation import SCHEDULERS, validate
 
@@ -59,6 +60,8 @@ class ModelConfig:
     text_layout: str = "released"
     """Text layout of the samples and prompts (pipeline.chat.LAYOUTS): "released" (the released AKI-4B's:
     BOS … EOS, answers end with EOS) or "phi3_chat"; the data's manifests must say the same."""
+    lora: LoraConfig | None = None
+    """LoRA / QLoRA fine-tuning of ``train.init_from`` (pipeline.lora); None: full fine-tuning."""
 
 
 @dataclasses.dataclass

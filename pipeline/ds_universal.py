@@ -84,7 +84,8 @@ def frozen_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tens
 
 
 def restore_frozen_parameters(engine: Any, checkpoint_dir: str | os.PathLike) -> list[str]:
-    """Copy the checkpoint's frozen parameters into ``engine.module``; returns their names.
+    """Copy the checkpoint's frozen parameters into ``engine.module``; returns their names (none when the
+    checkpoint was saved without them: a LoRA run's, whose frozen base the trainer loads from ``init_from``).
 
     ZeRO-3: rank 0 reads the files and writes each parameter inside ``GatheredParameters`` (DeepSpeed
     re-partitions it to every rank). ZeRO-1/2: every rank holds whole parameters and reads them itself.
@@ -98,11 +99,16 @@ def restore_frozen_parameters(engine: Any, checkpoint_dir: str | os.PathLike) ->
     partitioned = _zero_stage(engine) == 3
     reader = not partitioned or dist.get_rank() == 0
     saved = frozen_state_dict(checkpoint_dir) if reader else {}
+    held = [bool(saved)]
+    if partitioned and dist.get_world_size() > 1:
+        dist.broadcast_object_list(held, src=0)
+    if not held[0]:       # saved without them (exclude_frozen_parameters: LoRA): they are built from init_from
+        return []
     if reader:
         missing = [n for n, _ in frozen if n not in saved]
         if missing:
             raise ValueError(f"checkpoint {checkpoint_dir} holds no frozen values for {missing[:5]} "
-                             f"({len(missing)} parameters); was it saved with exclude_frozen_parameters?")
+                             f"({len(missing)} parameters) but holds others: it does not match this model")
     for name, param in frozen:
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=partitioned), torch.no_grad():
             if reader:

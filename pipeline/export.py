@@ -6,6 +6,9 @@ writes them as safetensors next to ``aki_config.json`` and the tokenizer, so
 ``AKIModel.from_pretrained(folder)`` reads the result back. The recipe of the run is stored beside it
 (``train_recipe.yaml``).
 
+A LoRA run's checkpoints hold the adapters and the connector only: their export is the merged model (an
+ordinary export) plus the adapter in PEFT's format in ``adapter/`` (:mod:`pipeline.lora`).
+
 Command line (on demand, for any complete checkpoint)::
 
     python -m pipeline.export runs/aki4b_pt/checkpoints/step_00002000 exports/aki4b_pt
@@ -55,6 +58,16 @@ def export_model(model: torch.nn.Module, checkpoint_dir: str | os.PathLike, out_
     return out
 
 
+def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, recipe: dict) -> Path:
+    """Export a checkpoint of a run of ``recipe``: consolidated weights, or for a LoRA run (``model.lora``)
+    the merged model plus its PEFT adapter (:func:`pipeline.lora.export_lora_checkpoint`). Call on one rank."""
+    if recipe["model"].get("lora") is not None:
+        from pipeline.lora import export_lora_checkpoint
+
+        return export_lora_checkpoint(checkpoint_dir, out_dir, recipe)
+    return export_model(build_skeleton(Path(checkpoint_dir) / SKELETON), checkpoint_dir, out_dir, recipe)
+
+
 def save_skeleton(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     """Write what rebuilds ``model`` without weights (``aki_config.json`` + tokenizer) into ``folder``."""
     from pipeline.model.loading import CONFIG_NAME, model_config
@@ -91,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipeline.weights_check import BrokenWeights
 
-    model = build_skeleton(ckpt / SKELETON)
     try:
-        out = export_model(model, ckpt, args.out_dir, read_json(ckpt / TRAINER_STATE)["config"])
+        out = export_checkpoint(ckpt, args.out_dir, read_json(ckpt / TRAINER_STATE)["config"])
     except BrokenWeights as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

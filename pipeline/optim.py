@@ -22,7 +22,10 @@ def build_optimizer(model: torch.nn.Module, config: Config, ds_config: dict[str,
     for p in model.parameters():
         if p.requires_grad:
             (decay if o.weight_decay_all or len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # no empty group: DeepSpeed drops those from the optimizer, and the schedule built on it would then hold
+    # one learning rate too many (``optim.weight_decay_all`` empties the second group)
+    groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+              if g["params"]]
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

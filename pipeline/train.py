@@ -6,7 +6,8 @@
 What it does, top to bottom: read and validate the recipe (a bad one fails here, before any distributed
 work) → join the process group → build the tokenizer and the model under ``deepspeed.zero.Init`` (each
 parameter is partitioned as it is created, so no rank holds the whole model; ``init_from`` loads a
-previous stage's export) → AdamW on the trainable connector + LLM (SigLIP stays frozen) with the recipe's
+previous stage's export; ``model.lora`` adds PEFT adapters to a frozen base, :mod:`pipeline.lora`) → AdamW on
+the trainable connector + LLM (SigLIP stays frozen; LoRA: adapters + connector) with the recipe's
 ``transformers`` LR schedule → DeepSpeed engine → optionally resume → loop → final checkpoint and export.
 
 One optimizer step (:meth:`Trainer.train_step`; its hot path :func:`forward_backward` is also what
@@ -122,8 +123,13 @@ def build_model(config: Config, ds_config: dict[str, Any], tokenizer, load_init_
                          text_layout=m.text_layout,
                          vision_weights=vision_weights, llm_weights=llm_weights),
         ds_config, random_parts)
-    if init_from is not None and load_init_weights:
+    if init_from is not None and (load_init_weights or m.lora is not None):   # LoRA checkpoints hold no base
         load_export_weights(model, init_from)
+    if m.lora is not None:
+        from pipeline.config import training_dtype
+        from pipeline.lora import apply_lora
+
+        apply_lora(model, m.lora, config.train.seed, training_dtype(config))
     if m.activation_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -223,7 +229,10 @@ class Trainer:
         self.run_id = uuid.uuid4().hex[:8]
         repairs = None
         if self.resume_from is not None:
-            state, rank_state = ckpt.load(self.engine, self.resume_from, seed=config.train.seed)
+            from pipeline.lora import load_trainable
+
+            state, rank_state = ckpt.load(self.engine, self.resume_from, seed=config.train.seed,
+                                          load_module=load_trainable if config.model.lora is not None else None)
             self.step, self.run_id = int(state["step"]), state["wandb_run_id"]
             self.skipped_steps = int(state.get("skipped_steps", 0))
             self.frozen_sha256, repairs = state["frozen_sha256"], state.get("universal_repairs")
@@ -368,7 +377,8 @@ class Trainer:
 
         path = ckpt.save(self.engine, self.output_dir, self.step, state, {"data": self.data.state_dict()},
                          self.config.train.keep_last,
-                         write_extra=lambda p: save_skeleton(self.engine.module, p / ckpt.SKELETON))
+                         write_extra=lambda p: save_skeleton(self.engine.module, p / ckpt.SKELETON),
+                         trainable_only=self.config.model.lora is not None)
         self.logger.event({"event": "checkpoint", "step": self.step, "path": str(path)})
         return path
 
@@ -376,12 +386,12 @@ class Trainer:
         """Consolidate the newest checkpoint into ``{output_dir}/export`` (rank 0 writes, all wait)."""
         import torch.distributed as dist
 
-        from pipeline.export import build_skeleton, export_model
+        from pipeline.export import export_checkpoint
 
         out = self.output_dir / "export"
         if self.rank == 0:
-            path = ckpt.checkpoints_root(self.output_dir) / ckpt.step_tag(self.step)
-            export_model(build_skeleton(path / ckpt.SKELETON), path, out, self.config.to_dict())
+            export_checkpoint(ckpt.checkpoints_root(self.output_dir) / ckpt.step_tag(self.step), out,
+                              self.config.to_dict())
             self.logger.event({"event": "export", "step": self.step, "path": str(out)})
         dist.barrier()
         return out

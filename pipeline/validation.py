@@ -117,6 +117,36 @@ def validate(config: Config) -> None:
                           f"`train.micro_batch_size` ({t.micro_batch_size})")
     if t.output_dir is None:
         t.output_dir = os.path.join("runs", config.name)
+    if m.lora is not None:
+        _validate_lora(config)
+
+
+def _validate_lora(config: Config) -> None:
+    """``model.lora``: rank, alpha, dropout, target names (only the LLM's linear layers), quantization, and
+    the export it fine-tunes (``train.init_from``)."""
+    from pipeline.lora import LLM_TARGETS, NOT_TARGETS, QUANTIZATIONS
+
+    lora = config.model.lora
+    if lora.rank <= 0:
+        raise ConfigError(f"config `model.lora.rank` must be a positive integer, got {lora.rank!r} "
+                          "(e.g. --set model.lora.rank=64)")
+    _positive(lora.alpha, "model.lora.alpha")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"config `model.lora.dropout` must be in [0, 1), got {lora.dropout!r}")
+    if not lora.target_modules:
+        raise ConfigError(f"config `model.lora.target_modules` is empty; give some of {', '.join(LLM_TARGETS)}")
+    for i, name in enumerate(lora.target_modules):
+        key = f"model.lora.target_modules[{i}]"
+        if name in NOT_TARGETS:
+            raise ConfigError(f"config `{key}` is {name!r}, {NOT_TARGETS[name]}: LoRA wraps only the LLM's "
+                              f"attention and MLP layers; choose from {', '.join(map(repr, LLM_TARGETS))}")
+        _choice(name, LLM_TARGETS, key)
+    if lora.quantize is not None:
+        _choice(lora.quantize, QUANTIZATIONS, "model.lora.quantize")
+    if config.train.init_from is None:
+        raise ConfigError("config `model.lora` is set but `train.init_from` is not: LoRA fine-tunes an AKI export "
+                          "(e.g. a converted released AKI-4B: python -m pipeline.convert from-official ...); "
+                          "set train.init_from to its folder")
 
 
 def _validate_sources(mixture: str | None, datasets: list[DatasetSource] | None, key: str) -> None:
@@ -199,4 +229,21 @@ def validate_launch(config: Config, world_size: int) -> int:
     for key, path in paths.items():
         if path is not None and not is_remote(path) and not resolve_path(path).exists():
             raise ConfigError(f"config `{key}`: {path} does not exist (working directory {os.getcwd()})")
+    if config.model.lora is not None:
+        _validate_lora_launch(config)
     return accum
+
+
+def _validate_lora_launch(config: Config) -> None:
+    """QLoRA on this machine and engine (bitsandbytes' 4-bit layers tried once; not under ZeRO-3)."""
+    import json
+
+    from pipeline.lora import quantization_problem
+
+    try:
+        stage = json.loads(resolve_path(config.train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, ValueError):
+        stage = 0               # pipeline.ds_config reports an unreadable DeepSpeed JSON
+    problem = quantization_problem(config.model.lora, stage)
+    if problem is not None:
+        raise ConfigError(f"config `model.lora.quantize`: {problem}")

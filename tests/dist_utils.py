@@ -5,7 +5,9 @@ torchrun) and around it saves the engine's logits on a fixed batch (before and a
 by the live ZeRO-3 engine with its partitioned weights. ``AKI_TEST_NAN_STEPS=2,3`` makes the model's
 loss non-finite on those optimizer steps (fault injection for the non-finite-loss guard);
 ``AKI_TEST_STALL=RANK:STEP`` makes that rank's forward of that optimizer step sleep for an hour (a stalled
-rank, for the step watchdog).
+rank, for the step watchdog); ``AKI_TEST_SIGTERM_STEP=2`` makes each process send itself SIGTERM during that
+optimizer step (a preemption at a known step); ``AKI_TEST_SAVE_STATE=1`` also saves the engine's whole
+gathered state dict at the end.
 """
 from __future__ import annotations
 
@@ -141,6 +143,18 @@ def _probe(probe_dir: str, train_args: list[str]) -> int:
             return before_stall(self, *a, **kw)
 
         AKIModel.forward = stalled
+    sigterm_step = int(os.environ.get("AKI_TEST_SIGTERM_STEP", "0"))
+    if sigterm_step:
+        import signal
+
+        forward_once = AKIModel.forward
+
+        def preempted(self, *a, **kw):
+            if self.training and TRAINER.step + 1 == sigterm_step and TRAINER.stop_signal is None:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return forward_once(self, *a, **kw)
+
+        AKIModel.forward = preempted
     args = parse_args(train_args)
     global TRAINER
     TRAINER = trainer = Trainer(prepare_config(args), resume=args.resume, stop_at_step=args.stop_at_step)
@@ -162,6 +176,14 @@ def _probe(probe_dir: str, train_args: list[str]) -> int:
     finally:
         trainer.close()
     logits("end")
+    if os.environ.get("AKI_TEST_SAVE_STATE"):
+        import deepspeed
+
+        module = trainer.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        if dist.get_rank() == 0:
+            torch.save(state, os.path.join(probe_dir, "state_end.pt"))
     return 0
 
 

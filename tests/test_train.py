@@ -367,9 +367,12 @@ def test_sigterm_while_streaming_from_a_bucket_checkpoints_and_resume_auto_repro
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "pipeline.train"] + args + ["--output-dir", str(out)]
     env = {**os.environ, **s3_server.env(), "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _sigterm_when_step(proc, out, 2)
-    log, _ = proc.communicate(timeout=180)
+    log_file = world["root"] / "B.log"      # a file, not a pipe: nobody reads a pipe until the run ends
+    with open(log_file, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        _sigterm_when_step(proc, out, 2)
+        proc.wait(timeout=180)
+    log = log_file.read_text()
     assert proc.returncode == 0, log[-8000:]
     stopped = max(losses(out))
     assert stopped < 6 and ckpt.latest_complete(out).name == ckpt.step_tag(stopped), log[-4000:]

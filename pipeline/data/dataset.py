@@ -353,7 +353,10 @@ def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProce
     return AKIDataLoader(dataset, batch_size=config.train.micro_batch_size, collate_fn=build_collator(config, pad_id),
                          num_workers=config.data.num_workers, drop_last=True,
                          persistent_workers=config.data.num_workers > 0,
-                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
+                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                         # its own generator: starting an iterator (at step 0, or at a resumed step) then
+                         # draws no number from torch's global RNG, which a resume restores for dropout
+                         generator=torch.Generator().manual_seed(config.train.seed))
 
 
 __all__ = ["AKIDataLoader", "AKIStreamingDataset", "StreamSource", "build_collator", "build_dataloader",
