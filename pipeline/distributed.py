@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,5 +35,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     else:
         device = torch.device("cpu")
+    # DeepSpeed 0.19.8's ZeRO calls torch.distributed's reduce_scatter_tensor / all_gather_into_tensor, which
+    # torch 2.14 deprecates with a FutureWarning per call (hundreds of lines a step in a run's log); the
+    # names are DeepSpeed's to change.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
