@@ -9,7 +9,7 @@ loading is not part of the timed step (``bench.loader`` measures it). Two engine
   (``--pt-batch`` / ``--sft-batch`` samples when padded, as many samples as fill ``--pack-rows`` rows
   when packed): the upper bound of one GPU, without ZeRO's communication;
 * ``--engine deepspeed``: the trainer's step itself — the recipe's DeepSpeed JSON (its ZeRO stage,
-  buckets, prefetch), the trainer's optimizer and engine (:func:`pipeline.train.build_engine`) and its
+  buckets, prefetch), the trainer's optimizer and engine (:func:`pipeline.build.build_engine`) and its
   micro-batch loop (:func:`pipeline.train.forward_backward`: validation on the CPU, non-blocking copies
   from pinned memory, one loss all-reduce per step), one micro-batch of the recipe's
   ``train.micro_batch_size`` per rank per step (what the ``aki4b_*`` recipes do on 8 GPUs). Run it
@@ -193,7 +193,7 @@ class DeepSpeedEngine:
         from pipeline.config import training_dtype
         from pipeline.ds_config import fill_deepspeed_config
         from pipeline.distributed import setup_distributed
-        from pipeline.train import build_engine
+        from pipeline.build import build_engine
         from pipeline.zero3 import build_partitioned, register_zero_config
 
         self.args = args
@@ -258,7 +258,8 @@ class DeepSpeedEngine:
 
     def describe(self) -> str:
         z = self.ds_config.get("zero_optimization", {})
-        return (f"engine deepspeed: the trainer's step (pipeline.train.build_engine + forward_backward), "
+        return (f"engine deepspeed: the trainer's step (pipeline.build.build_engine + "
+                f"pipeline.train.forward_backward), "
                 f"ZeRO stage {z.get('stage', 0)} ({self.args.deepspeed or self.config.train.deepspeed}), "
                 f"micro-batch per rank as the run's recipe says (settings: micro_batch), 1 micro-batch per step, "
                 f"activation checkpointing {'on' if self.config.model.activation_checkpointing else 'off'}, "

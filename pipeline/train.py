@@ -4,11 +4,12 @@
              [--resume auto|CKPT_DIR] [--output-dir DIR] [--stop-at-step N]
 
 What it does, top to bottom: read and validate the recipe (a bad one fails here, before any distributed
-work) → join the process group → build the tokenizer and the model under ``deepspeed.zero.Init`` (each
-parameter is partitioned as it is created, so no rank holds the whole model; ``init_from`` loads a
-previous stage's export; ``model.lora`` adds PEFT adapters to a frozen base, :mod:`pipeline.lora`) → AdamW on
-the trainable connector + LLM (SigLIP stays frozen; LoRA: adapters + connector) with the recipe's
-``transformers`` LR schedule → DeepSpeed engine → optionally resume → loop → final checkpoint and export.
+work) → join the process group → build (:mod:`pipeline.build`) the tokenizer and the model under
+``deepspeed.zero.Init`` (each parameter is partitioned as it is created, so no rank holds the whole model;
+``init_from`` loads a previous stage's export; ``model.lora`` adds PEFT adapters to a frozen base,
+:mod:`pipeline.lora`) → AdamW on the trainable connector + LLM (SigLIP stays frozen; LoRA: adapters +
+connector) with the recipe's ``transformers`` LR schedule → DeepSpeed engine → optionally resume → loop →
+final checkpoint and export.
 
 One optimizer step (:meth:`Trainer.train_step`; its hot path :func:`forward_backward` is also what
 ``python -m bench.train_step --engine deepspeed`` times): fetch the step's micro-batches, all-reduce their
@@ -44,14 +45,14 @@ from typing import Any, Callable
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import Config, ConfigError, load_config, save_config
+from pipeline.build import build_engine, build_model, load_run_tokenizer
+from pipeline.config import Config, load_config, save_config
 from pipeline.distributed import setup_distributed
 from pipeline.ds_config import fill_deepspeed_config
 from pipeline.validation import validate_launch
 from pipeline.weights_check import frozen_digest
 from pipeline.flops import BatchShape, count_model, step_flops, visible_pairs
 from pipeline.metrics import DroppedSamples, MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
-from pipeline.optim import build_optimizer
 from pipeline.tokens import PAD
 from pipeline.watchdog import StepWatchdog
 from pipeline.zero3 import register_zero_config
@@ -71,78 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="save and exit 0 after this step (the LR schedule still spans train.total_steps)")
     return p.parse_args(argv)
-
-
-def load_run_tokenizer(config: Config):
-    """The tokenizer: ``model.tokenizer``, else the one saved in ``train.init_from``, else the LLM weights'."""
-    from pipeline.model.sizes import get_model_size
-    from pipeline.model.tokenizer import load_tokenizer
-
-    source = config.model.tokenizer or config.train.init_from or config.model.llm_weights \
-        or get_model_size(config.model.size).llm_weights
-    if source is None:
-        raise ConfigError("no tokenizer: set `model.tokenizer` (a tokenizer folder), `train.init_from` or "
-                          "`model.llm_weights`")
-    return load_tokenizer(source)
-
-
-def build_model(config: Config, ds_config: dict[str, Any], tokenizer, load_init_weights: bool):
-    """AKIModel built under ``deepspeed.zero.Init`` (ZeRO-3): parameters are partitioned as they are made.
-
-    Pretrained parts load through ``from_pretrained`` (straight into the shards); random-init parts are
-    initialised module by module; ``train.init_from`` loads a previous stage's export over everything.
-    """
-    from pipeline.model.aki import AKIModel
-    from pipeline.model.loading import read_config
-    from pipeline.model.sizes import ModelSize, get_model_size
-    from pipeline.zero3 import build_partitioned, load_export_weights
-
-    m, init_from = config.model, config.train.init_from
-    size = get_model_size(m.size)
-    vision_weights = llm_weights = None
-    if init_from is not None:
-        stored = read_config(init_from)
-        if stored["size"] != m.size:
-            raise ConfigError(f"`train.init_from` {init_from} holds a {stored['size']!r} model but `model.size` "
-                              f"is {m.size!r}; set model.size={stored['size']}")
-        size = ModelSize(name=stored["size"], vision=stored["vision"], resampler=stored["resampler"],
-                         llm=stored["llm"], num_base_ids=stored["num_base_ids"])
-    else:
-        vision_weights, llm_weights = m.vision_weights or size.vision_weights, m.llm_weights or size.llm_weights
-
-    def random_parts(model: AKIModel) -> list[torch.nn.Module]:
-        if init_from is not None:
-            return []                       # every weight comes from the export (or the resumed checkpoint)
-        return ([] if vision_weights else [model.vision]) + [model.resampler, model.projection,
-                                                              model.added_embedding, model.output] + \
-            ([] if llm_weights else [model.llm])
-
-    torch.manual_seed(config.train.seed)
-    model = build_partitioned(
-        lambda: AKIModel(size, tokenizer, attention_mode=m.attention_mode, attn_implementation=m.attn_implementation,
-                         text_layout=m.text_layout,
-                         vision_weights=vision_weights, llm_weights=llm_weights),
-        ds_config, random_parts)
-    if init_from is not None and (load_init_weights or m.lora is not None):   # LoRA checkpoints hold no base
-        load_export_weights(model, init_from)
-    if m.lora is not None:
-        from pipeline.config import training_dtype
-        from pipeline.lora import apply_lora
-
-        apply_lora(model, m.lora, config.train.seed, training_dtype(config))
-    if m.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
-
-
-def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any]):
-    """AdamW + schedule (:func:`build_optimizer`) and the DeepSpeed engine; returns (engine, scheduler)."""
-    import deepspeed
-
-    optimizer, scheduler = build_optimizer(model, config, ds_config)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds_config)
-    return engine, scheduler
 
 
 def device_inputs(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
