@@ -1,7 +1,7 @@
 """Pre-training shards: img2dataset webdataset tars (BLIP3-Kale, BLIP3-OCR-200m) → MDS.
 
     python data_prep/build_pretrain_shards.py RAW/kale/ --source kale --out data/pt/kale \
-        --tokenizer PATH --model-size aki-4b [--workers N] [--job-index I --num-jobs K]
+        --tokenizer PATH --model-size aki-4b [--workers N] [--job-index I --num-jobs K] [--holdout 0.001]
 
 See data_prep/pretrain.py for the output layout.
 """

@@ -11,6 +11,7 @@ from typing import Mapping
 
 import yaml
 
+from data_prep.holdout import HELDOUT_DIR
 from pipeline.data.mixture import MIXTURE_FILE
 
 # Paper Table 4 (== sampling_weights in the AKI SFT config); sums to 1.
@@ -58,12 +59,19 @@ def resolve_ratios(names: list[str], overrides: Mapping[str, float] = {}) -> dic
     return ratios
 
 
-def write_mixture(out_dir: str, ratios: Mapping[str, float], samples: Mapping[str, int]) -> str:
-    """Write ``out_dir/mixture.yaml`` for the built sources (dataset folder ``out_dir/<name>``)."""
+def write_mixture(out_dir: str, ratios: Mapping[str, float], samples: Mapping[str, int],
+                  heldout: Mapping[str, int] = {}) -> str:
+    """Write ``out_dir/mixture.yaml`` for the built sources (dataset folder ``out_dir/<name>``); ``heldout``
+    gives the held-out samples of each source (folder ``out_dir/heldout/<name>``; empty ones not listed)."""
     total = sum(ratios.values())
     streams = [{"name": name, "local": name, "proportion": round(ratio / total, 6), "ratio": ratio,
                 "samples": int(samples.get(name, 0))} for name, ratio in ratios.items()]
+    data: dict = {"streams": streams}
+    held = [{"name": name, "local": f"{HELDOUT_DIR}/{name}", "samples": int(heldout[name])}
+            for name in ratios if heldout.get(name)]
+    if held:
+        data["heldout"] = held
     path = os.path.join(out_dir, MIXTURE_FILE)
     with open(path, "w") as f:
-        yaml.safe_dump({"streams": streams}, f, sort_keys=False)
+        yaml.safe_dump(data, f, sort_keys=False)
     return path

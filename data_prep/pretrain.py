@@ -20,6 +20,19 @@ beside the parts, and "finished" means the part's done marker is in the bucket.
 Parts are fixed by ``tars_per_part`` (not by the number of workers), so the output is the same for any
 worker count, a re-run skips finished parts, and several jobs (``job_index`` of ``num_jobs``) can share
 one output folder; whichever job finds every part finished merges the index.
+
+``--holdout FRACTION`` (:mod:`data_prep.holdout`) writes the samples whose key (the img2dataset sample
+key, e.g. ``000010002``) hashes below the fraction to a held-out dataset beside the training one, part
+for part, merged the same way::
+
+    OUT/heldout/part-00000/   the held-out samples of part 0 (its manifest counts them)
+    OUT/heldout/index.json    the held-out parts merged; OUT/heldout/manifest.json their counts
+    OUT/manifest.json         "heldout": {"path": "heldout", "samples", "spec", "ids"} (parts: "../heldout/part-…")
+
+Each index is merged from the list of its own parts' index files, so the training index never holds a
+held-out shard and the held-out index never a training shard. Pre-training takes a fraction only: a
+count (the N smallest hashes of all samples) would need every tar read before any part is written, in
+every job, and would tie the finished parts to the whole list of tars; give ``N / samples`` instead.
 """
 from __future__ import annotations
 
@@ -33,6 +46,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from data_prep.holdout import HELDOUT_DIR, Holdout, expected_entry, manifest_entry, parse_holdout
 from data_prep.records import EMPTY_TEXT, MALFORMED_RECORD, MISSING_IMAGE, NON_UTF8_TEXT, Parsed, Sample, Skip
 from data_prep.tars import Members, list_tars, read_samples
 from data_prep.writer import (SHARD_SIZE_LIMIT, START_METHOD, DatasetWriter, EncodeSettings, cached_converter,
@@ -140,6 +154,10 @@ class PartJob:
     size_limit: str | int
     remote: str | None = None
     """The part's URL when the output is in object storage (``folder`` is then its staging folder)."""
+    holdout: Holdout | None = None
+    heldout_folder: str | None = None
+    """Where the part's held-out samples go (``OUT/heldout/part-…``; a staging folder for a bucket)."""
+    heldout_remote: str | None = None
 
     @property
     def location(self) -> str:
@@ -148,29 +166,57 @@ class PartJob:
 
 
 def build_part(job: PartJob) -> Manifest:
-    """Convert the tars of one part into its own MDS folder (re-done from scratch if unfinished)."""
+    """Convert the tars of one part into its own MDS folder (re-done from scratch if unfinished); with a
+    holdout, the held-out samples into ``job.heldout_folder``, finished before the part itself."""
     converter = cached_converter(job.settings)
     source = get_source(job.source)
     manifest = converter.new_manifest(source.name, source.license, input_tars=len(job.tars),
                                       **dataclasses.asdict(job.options))
-    with DatasetWriter(job.folder, manifest, job.size_limit, job.remote) as writer:
-        for tar in job.tars:
-            for item in read_samples(tar):
-                parsed = item if isinstance(item, Skip) else parse_sample(*item, source, job.options)
-                writer.add(converter.convert(parsed, source.name))
+    writer = DatasetWriter(job.folder, manifest, job.size_limit, job.remote)
+    held_writer, held_ids = None, []
+    if job.holdout is not None:
+        held_manifest = converter.new_manifest(source.name, source.license, input_tars=len(job.tars),
+                                               holdout=job.holdout.value, **dataclasses.asdict(job.options))
+        held_writer = DatasetWriter(job.heldout_folder, held_manifest, job.size_limit, job.heldout_remote)
+    for tar in job.tars:
+        for item in read_samples(tar):
+            parsed = item if isinstance(item, Skip) else parse_sample(*item, source, job.options)
+            result = converter.convert(parsed, source.name)
+            if held_writer is None or not job.holdout.holds_out(source.name, parsed.id):
+                writer.add(result)
+            elif held_writer.add(result):
+                held_ids.append(parsed.id)
+    if held_writer is not None:
+        name = os.path.basename(job.folder.rstrip("/"))
+        manifest.heldout = manifest_entry(f"../{HELDOUT_DIR}/{name}", held_writer.finish().samples, job.holdout,
+                                          held_ids)
+    writer.finish()
     return manifest
+
+
+def fraction_holdout(holdout: Holdout | str | float | None) -> Holdout | None:
+    """The parsed ``--holdout``; a count is refused (see the module docstring)."""
+    holdout = None if holdout is None else parse_holdout(holdout)
+    if holdout is not None and holdout.is_count:
+        raise ValueError(f"--holdout {holdout}: pre-training sources take a fraction of the samples (e.g. "
+                         f"--holdout 0.001), not a count: their tars are converted in independent parts; for "
+                         f"about {holdout} held-out samples pass {holdout} / (samples in the source)")
+    return holdout
 
 
 def build_pretrain(inputs: list[str], out: str, source: str, settings: EncodeSettings,
                    options: CaptionOptions = CaptionOptions(), workers: int | None = None,
                    tars_per_part: int = 8, job_index: int = 0, num_jobs: int = 1,
-                   size_limit: str | int = SHARD_SIZE_LIMIT, staging: str | None = None) -> Manifest | None:
+                   size_limit: str | int = SHARD_SIZE_LIMIT, staging: str | None = None,
+                   holdout: Holdout | str | float | None = None) -> Manifest | None:
     """Convert the tars in ``inputs`` into ``out``; returns the merged manifest once every part is done.
 
     ``out`` may be an ``s3://`` URL; ``staging`` is then the local folder the parts are written to before
-    the upload (default: :func:`pipeline.data.remote.staging_folder`).
+    the upload (default: :func:`pipeline.data.remote.staging_folder`). ``holdout`` (a fraction) also
+    writes the held-out samples to ``out/heldout`` (see the module docstring).
     """
     get_source(source)
+    holdout = fraction_holdout(holdout)
     if not 0 <= job_index < num_jobs:
         raise ValueError(f"job_index {job_index} must be in [0, num_jobs={num_jobs})")
     remote = storage.is_remote(out)
@@ -180,15 +226,19 @@ def build_pretrain(inputs: list[str], out: str, source: str, settings: EncodeSet
     local_root = staging if remote else out
     tars = list_tars(inputs)
     ranges = [tuple(tars[i:i + tars_per_part]) for i in range(0, len(tars), tars_per_part)]
-    jobs = [PartJob(os.path.join(local_root, PART_FORMAT.format(i)), r, source, options, settings, size_limit,
-                    storage.join(out, PART_FORMAT.format(i)) if remote else None)
-            for i, r in enumerate(ranges)]
+    parts = [PART_FORMAT.format(i) for i in range(len(ranges))]
+    jobs = [PartJob(os.path.join(local_root, part), r, source, options, settings, size_limit,
+                    storage.join(out, part) if remote else None, holdout,
+                    os.path.join(local_root, HELDOUT_DIR, part) if holdout else None,
+                    storage.join(out, HELDOUT_DIR, part) if holdout and remote else None)
+            for part, r in zip(parts, ranges)]
     per_job = -(-len(jobs) // num_jobs)
     mine = jobs[job_index * per_job:(job_index + 1) * per_job]
     done = {j.location for j in jobs if is_done(j.location)}
     pending = [j for j in mine if j.location not in done]
     if len(pending) < len(mine):
         expected = cached_converter(settings).new_manifest(source, "", **dataclasses.asdict(options))
+        expected.heldout = expected_entry(holdout)
         for job in mine:
             if job.location in done:
                 check_reusable(job.location, expected, job.folder)
@@ -209,6 +259,8 @@ def build_pretrain(inputs: list[str], out: str, source: str, settings: EncodeSet
         print(f"{out}: {finished}/{len(jobs)} parts finished; the index is merged "
               "when the last job finishes (or re-run with the same arguments)")
         return None
+    if holdout is not None:         # the held-out index first: a merged training index means both are there
+        merge_parts(storage.join(out, HELDOUT_DIR), [storage.join(out, HELDOUT_DIR, p) for p in parts], staging)
     return merge_parts(out, [j.location for j in jobs], staging)
 
 
@@ -234,18 +286,24 @@ def merge_parts(out: str, folders: list[str], staging: str | None = None) -> Man
             logging.disable(logging.NOTSET)
         merged: Manifest | None = None
         examples: dict[str, list[str]] = {}
+        held: list[dict] = []
         for folder in folders:
             part_staging = os.path.join(work, os.path.basename(folder.rstrip("/")))
             part = read_manifest(fetch_folder_file(folder, MANIFEST_NAME, part_staging))
             for reason, ids in part.extra.pop("skipped_examples", {}).items():
                 examples.setdefault(reason, []).extend(ids)
+            if part.heldout:
+                held.append(part.heldout)
             if merged is None:
                 merged = dataclasses.replace(part, samples=0, tokens=0, target_tokens=0, truncated=0, skipped={},
-                                             extra={**part.extra, "input_tars": 0})
+                                             extra={**part.extra, "input_tars": 0}, heldout=None)
             merged.merge(part)
             merged.extra["input_tars"] += part.extra.get("input_tars", 0)
         assert merged is not None
         merged.extra["parts"] = len(folders)
+        if held:
+            merged.heldout = manifest_entry(HELDOUT_DIR, sum(h["samples"] for h in held), Holdout(held[0]["spec"]),
+                                            [i for h in held for i in h["ids"]])
         if examples:
             merged.extra["skipped_examples"] = {k: v[:5] for k, v in sorted(examples.items())}
         merged.write(work)
@@ -261,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line of ``data_prep/build_pretrain_shards.py``."""
     import argparse
 
+    from data_prep.holdout import add_holdout_arg
     from data_prep.writer import add_encode_args, add_output_args, settings_from_args
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -276,16 +335,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--job-index", type=int, default=0, help="this job's index when several jobs share OUT")
     parser.add_argument("--num-jobs", type=int, default=1, help="number of jobs sharing OUT")
     parser.add_argument("--shard-size-limit", default=SHARD_SIZE_LIMIT, help="MDS shard size limit")
+    add_holdout_arg(parser, "a fraction of the samples (e.g. 0.001)")
     add_encode_args(parser, default_max_text_tokens=128)
     args = parser.parse_args(argv)
+    try:
+        fraction_holdout(args.holdout)
+    except ValueError as err:
+        parser.error(str(err))                                     # exit code 2, before any work
     try:
         manifest = build_pretrain(args.inputs, args.out, args.source, settings_from_args(args),
                                   CaptionOptions(args.ocr_granularity, args.ocr_include_raw_caption),
                                   args.workers, args.tars_per_part, args.job_index, args.num_jobs,
-                                  args.shard_size_limit, args.staging)
-    except storage.RemoteError as err:          # bucket missing, credentials wrong: no traceback
+                                  args.shard_size_limit, args.staging, args.holdout)
+    except ValueError as err:       # bucket missing, credentials wrong, finished parts built otherwise
         raise SystemExit(f"error: {err}") from None
     if manifest is not None:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skipped.items())) or "none"
         print(f"{args.out}: {manifest.samples} samples, {manifest.tokens} tokens, "
-              f"{manifest.truncated} captions truncated; skipped: {skipped}")
+              f"{manifest.truncated} captions truncated; skipped: {skipped}"
+              + (f"; held out: {manifest.heldout['samples']} samples in {args.out.rstrip('/')}/heldout"
+                 if manifest.heldout else ""))

@@ -36,7 +36,11 @@ import yaml
 from data_prep.synthetic_world import (COLORS, Scene, caption, make_scene, mc_choices, questions, render)
 
 EVAL_SOURCES_2D = ("ADE20K", "COCO")
-CV_BENCH_TASKS = {"count": ("2D", "Count"), "relation": ("2D", "Relation"), "depth": ("3D", "Depth")}
+# The question kinds the CV-Bench-style set asks, as (type, task). Count, Relation and Depth are CV-Bench's
+# own tasks; Color is the world's: "What color is the triangle?" about a scene of several shapes, where the
+# question names the one shape that matters — where image tokens that read the question (MMA) could help.
+CV_BENCH_TASKS = {"count": ("2D", "Count"), "relation": ("2D", "Relation"), "color": ("2D", "Color"),
+                  "depth": ("3D", "Depth")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +258,7 @@ def write_sft(root: str, scenes: list[Scene], rng: random.Random, side: int) -> 
 
 
 def write_cv_bench(folder: str, scenes: list[Scene], rng: random.Random, side: int) -> None:
-    """``test_2d.jsonl`` / ``test_3d.jsonl`` + ``img/`` with Count, Relation (2D) and Depth (3D) questions."""
+    """``test_2d.jsonl`` / ``test_3d.jsonl`` + ``img/`` with Count, Relation, Color (2D) and Depth (3D) questions."""
     rows = {"2D": [], "3D": []}
     for scene in scenes:
         for q in questions(scene, rng):

@@ -136,15 +136,15 @@ class DatasetWriter:
                               compression="zstd", hashes=SHARD_HASHES, size_limit=size_limit)
         self._examples: dict[str, list[str]] = {}
 
-    def add(self, result: dict[str, Any] | Skip) -> None:
-        """Write a row, or count a skip under its reason.
+    def add(self, result: dict[str, Any] | Skip) -> bool:
+        """Write a row, or count a skip under its reason; True when a row was written.
 
         A row the MDS writer refuses (it encodes a row before adding it, so nothing partial is kept)
         is counted as ``write_error`` and the build goes on; an ``OSError`` (disk full, …) still stops it.
         """
         if isinstance(result, Skip):
             self._count_skip(result)
-            return
+            return False
         truncated = result.pop("_truncated", False)
         flags = result.pop("_flags", ())
         try:
@@ -153,7 +153,7 @@ class DatasetWriter:
             raise                   # the disk, not the row: the build cannot go on
         except Exception as err:  # noqa: BLE001  (one row must never end a build; the error is kept)
             self._count_skip(Skip(WRITE_ERROR, str(result.get("id", "")), f"{type(err).__name__}: {err}"))
-            return
+            return False
         for flag in flags:
             counts = self.manifest.extra.setdefault("counts", {})
             counts[flag] = counts.get(flag, 0) + 1
@@ -161,6 +161,7 @@ class DatasetWriter:
         self.manifest.tokens += len(result["input_ids"])
         self.manifest.target_tokens += int(np.sum(result["modality_ids"] == TEXT_TARGET))
         self.manifest.truncated += int(truncated)
+        return True
 
     def _count_skip(self, skip: Skip) -> None:
         """Count ``skip`` under its reason; the first few record ids (with the detail) are kept."""
@@ -236,7 +237,8 @@ def settings_from_args(args) -> EncodeSettings:
 
 
 def check_reusable(folder: str, expected: Manifest, staging: str | None = None) -> None:
-    """Refuse to reuse a finished folder that was built with another tokenizer, N, image size or budget.
+    """Refuse to reuse a finished folder that was built with another tokenizer, N, image size, budget or
+    ``--holdout`` (``expected.heldout`` carries the new spec: :func:`data_prep.holdout.expected_entry`).
 
     A remote ``folder``'s manifest is read through the local ``staging`` folder.
     """
@@ -249,6 +251,10 @@ def check_reusable(folder: str, expected: Manifest, staging: str | None = None) 
     for k in ("max_text_tokens", "options", "ocr_granularity", "ocr_include_raw_caption"):
         if found.extra.get(k) != expected.extra.get(k):
             diffs.append(f"{k} {found.extra.get(k)} != {expected.extra.get(k)}")
+    old_spec, new_spec = ((m.heldout or {}).get("spec") for m in (found, expected))
+    if old_spec != new_spec:
+        diffs.append(f"--holdout {old_spec if old_spec is not None else '(none)'} != "
+                     f"{new_spec if new_spec is not None else '(none)'}")
     if diffs:
         raise ValueError(f"{folder} is already built with other settings ({'; '.join(diffs)}); "
                          "choose another output folder or delete it (SFT: pass --overwrite)")

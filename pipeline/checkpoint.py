@@ -24,7 +24,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -122,13 +122,14 @@ def mark_complete(path: str | os.PathLike) -> None:
     os.replace(tmp, path / COMPLETE)
 
 
-def prune(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete every checkpoint older than the ``keep_last`` newest complete ones; returns what was deleted."""
+def prune(output_dir: str | os.PathLike, keep_last: int, protect: Iterable[int] = ()) -> list[Path]:
+    """Delete every checkpoint older than the ``keep_last`` newest complete ones, except the steps in
+    ``protect`` (the best checkpoint of the run's evaluation); returns what was deleted."""
     complete = [(s, p) for s, p in list_checkpoints(output_dir) if is_complete(p)]
     if len(complete) <= keep_last:
         return []
-    oldest_kept = complete[-keep_last][0]
-    doomed = [p for s, p in list_checkpoints(output_dir) if s < oldest_kept]
+    oldest_kept, protect = complete[-keep_last][0], set(protect)
+    doomed = [p for s, p in list_checkpoints(output_dir) if s < oldest_kept and s not in protect]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -211,12 +212,13 @@ def ensure_universal(path: str | os.PathLike) -> Path:
 
 def save(engine: Any, output_dir: str | os.PathLike, step: int, trainer_state: dict[str, Any],
          rank_state: dict[str, Any], keep_last: int, write_extra: Callable[[Path], None] | None = None,
-         trainable_only: bool = False) -> Path:
+         trainable_only: bool = False, protect: Iterable[int] = ()) -> Path:
     """Save a resumable checkpoint from every rank; rank 0 completes it and prunes old ones.
 
     ``rank_state`` (JSON) is this rank's data loader state; the RNG states are added here.
     ``write_extra(path)`` runs on rank 0 before the checkpoint is marked complete. ``trainable_only``:
     leave the frozen parameters out (LoRA runs: the frozen base is re-read from ``train.init_from``).
+    ``protect``: steps :func:`prune` keeps whatever their age.
     """
     import torch.distributed as dist
 
@@ -234,7 +236,7 @@ def save(engine: Any, output_dir: str | os.PathLike, step: int, trainer_state: d
             write_extra(path)
         write_json(path / TRAINER_STATE, {**trainer_state, "step": step, "world_size": dist.get_world_size()})
         mark_complete(path)
-        prune(output_dir, keep_last)
+        prune(output_dir, keep_last, protect)
     dist.barrier()
     return path
 

@@ -1,6 +1,7 @@
 """Training recipes: YAML files validated into dataclasses, with ``--set key=value`` overrides.
 
-A recipe (``pipeline/configs/*.yaml``) has four sections, one per dataclass below::
+A recipe (``pipeline/configs/*.yaml``) has four sections, one per dataclass below, and an optional
+``eval:`` (:class:`pipeline.train_eval.EvalConfig`)::
 
     base: aki4b_pt.yaml          # optional: a recipe this one extends (merged recursively)
     model: {size: aki-4b, attention_mode: mma, ...}
@@ -30,6 +31,7 @@ from pipeline.data.remote import DEFAULT_DOWNLOAD_RETRY, DEFAULT_DOWNLOAD_TIMEOU
 from pipeline.recipes import ConfigError  # noqa: F401  (the error every recipe check raises; imported from here)
 from pipeline.recipes import REPO_ROOT, resolve_path  # noqa: F401  (imported from here by the pipeline)
 from pipeline.lora import LoraConfig
+from pipeline.train_eval import EvalConfig
 from pipeline.recipes import Proportion, apply_overrides, build_dataclass, read_recipe, resolve_recipe
 from pipeline.validation import SCHEDULERS, validate
 
@@ -252,6 +254,8 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig | None = None
+    """Held-out loss per source and a benchmark while training (pipeline.train_eval); None: no evaluation."""
     name: str = "run"
     """The recipe's name (its file name without .yaml); names the default output folder."""
 

@@ -75,14 +75,16 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float,
 def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequence[int]]],
                  pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
-                 generator: torch.Generator | None = None, streamer: BaseStreamer | None = None
-                 ) -> list[list[int]]:
+                 generator: torch.Generator | None = None, streamer: BaseStreamer | None = None,
+                 synced: bool = False) -> list[list[int]]:
     """Generate an answer for each ``(input_ids, modality_ids)`` prompt (e.g. an ``Encoded``'s arrays).
 
     ``pixel_values`` holds the prompts' images in order. ``stop_token_ids`` defaults to the model
     tokenizer's stop tokens. Returns the generated ids per prompt, without the stop token.
     ``streamer`` (transformers' ``TextIteratorStreamer`` for one prompt) receives each step's tokens ``[B]`` as
     they are chosen, up to the step where every prompt has stopped (that step is not sent), then ``end()``.
+    ``synced``: decode until the prompts of *every* rank have stopped (one all-reduce per token), so that all
+    ranks run the same number of forwards — a ZeRO-3 model gathers its parameters collectively.
     """
     _check_sampling(max_new_tokens, temperature, top_p)
     if stop_token_ids is None:
@@ -116,7 +118,7 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
         finished |= torch.isin(token, stops)
         if streamer is not None and not finished.all():
             streamer.put(token.cpu())
-        if finished.all() or step == max_new_tokens - 1:
+        if _all_finished(finished, synced) or step == max_new_tokens - 1:
             break
         visible = torch.cat([visible, torch.ones_like(visible[:, :1])], dim=1)
         hidden = model.llm.model(
@@ -131,6 +133,18 @@ def generate_ids(model: AKIModel, prompts: Sequence[tuple[Sequence[int], Sequenc
     return [_until_stop(row, set(stop_token_ids)) for row in torch.stack(generated, dim=1).tolist()]
 
 
+def _all_finished(finished: torch.Tensor, synced: bool) -> bool:
+    """Whether every prompt has stopped: this rank's, or (``synced``) every rank's."""
+    if not synced:
+        return bool(finished.all())
+    import torch.distributed as dist
+
+    running = (~finished).sum().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(running)
+    return int(running.item()) == 0
+
+
 def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
     for i, tok in enumerate(tokens):
         if tok in stops:
@@ -141,13 +155,14 @@ def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
 def generate(model: AKIModel, tokenizer: PreTrainedTokenizerBase | None,
              prompts: Sequence[Chat | Sequence[Segment]], images: Sequence[Sequence[ImageLike]], *,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, streamer: BaseStreamer | None = None) -> list[str]:
+             generator: torch.Generator | None = None, streamer: BaseStreamer | None = None,
+             synced: bool = False) -> list[str]:
     """Answer each prompt about its images (JPEG bytes, files or PIL images; one per image slot).
 
     A prompt is a ``Chat`` whose last answer is None (laid out in the model's text layout with its
     images) or ready segments (``chat.chat_segments`` with answer None).
 
-    ``tokenizer`` None uses the model's own; ``streamer`` as :func:`generate_ids`. Returns the decoded
+    ``tokenizer`` None uses the model's own; ``streamer`` and ``synced`` as :func:`generate_ids`. Returns the decoded
     answers, special tokens removed.
     """
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
@@ -168,7 +183,7 @@ def generate(model: AKIModel, tokenizer: PreTrainedTokenizerBase | None,
     pixel_values = model.image_processor(flat) if flat else None
     outputs = generate_ids(model, encoded_prompts, pixel_values, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop_token_ids=tokenizer_stop_ids(tokenizer),
-                           generator=generator, streamer=streamer)
+                           generator=generator, streamer=streamer, synced=synced)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
 

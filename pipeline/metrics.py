@@ -135,6 +135,19 @@ class MetricsLogger:
                        for source, reasons in metrics.dropped_by_source.items() for reason, n in reasons.items()})
         self._wandb("log", values, step=metrics.step)
 
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """An evaluation (:mod:`pipeline.train_eval`): one ``eval`` event, its figures in wandb under ``eval/``
+        (one chart per held-out source and benchmark score), the best so far in the run's summary."""
+        if not self.enabled:
+            return
+        self.event(record)
+        values = {f"eval/{k}": v for k, v in record.items()
+                  if "/" in k and isinstance(v, (int, float)) and v is not None}
+        values.update({f"eval/{k}": record[k] for k in ("eval_s", "eval_share") if record.get(k) is not None})
+        self._wandb("log", values, step=record["step"])
+        if record.get("best"):
+            self._wandb("summary.update", {f"eval/best/{k}": v for k, v in record["best"].items()})
+
     def summary(self, record: dict[str, Any], line: str) -> None:
         """The run's totals: one event in metrics.jsonl, one printed line, the wandb run's summary."""
         if not self.enabled:

@@ -8,18 +8,22 @@ Every step runs the real command line in a subprocess, exactly as a user would o
 4. ``data_prep/build_sft_mixture.py`` (VQAv2, A-OKVQA, LLaVA, VSR, RefCOCO, ScienceQA, Visual Genome
    files → MDS + mixture.yaml);
 5. ``python -m pipeline.train`` — pretraining of the ``small`` size (random init; DeepSpeed on the CPU);
-6. the same for SFT from the PT export, once with ``mma`` and once with ``causal`` attention;
+6. the same for SFT from the PT export, once with ``mma`` and once with ``causal`` attention (each training
+   also evaluates while it trains, :mod:`pipeline.train_eval`: held-out loss per source on the samples
+   data prep kept out with ``--holdout``, and for SFT the CV-Bench-style set);
 7. ``python -m pipeline.eval.cv_bench`` on the world's CV-Bench-style set, for both;
 8. ``python -m pipeline.inspect``: the mask pictures of one SFT sample for every attention mode
    (``masks/``) and the image → question attention share per layer of both models (``attention/``);
-9. the results table (printed), ``report.md`` (with the pictures), ``loss_curves.png`` and ``results.json``
+9. the results table (printed), ``report.md`` (with the pictures), ``loss_curves.png``, ``eval_curves.png``
+   (the evaluations while training) and ``results.json``
    in ``--out``.
 
 The run fails (exit 3) when a finetuned model does not beat chance by ``--min-margin`` on the pooled
 accuracy: a pipeline that learns nothing is a broken pipeline. ``--steps-scale`` scales the training steps
-(half the plan still beats chance clearly; the test suite runs it). One training process (DeepSpeed's
-single-device ZeRO-2 config) is the default: on a small CPU it is faster than several gloo ranks;
-``--ranks 2`` trains with the recipes' ZeRO-3 config on two processes under ``torchrun``.
+(the test suite runs half the plan with ``--seed 3``, the seed measured to learn the most at that length).
+One training process (DeepSpeed's single-device ZeRO-2 config) is the default: on a small CPU it is faster
+than several gloo ranks; ``--ranks 2`` trains with the recipes' ZeRO-3 config on two processes under
+``torchrun``.
 
 Reproducible: ``--seed`` seeds the world, the tokenizer's texts, the sample order and the weights; every
 run rebuilds its data from scratch (byte-identical for a seed and a plan), and every process gets a fixed
@@ -53,6 +57,8 @@ INSPECT_SAMPLES = 8
 # with the same results. (Two threads for the pre-training, alone, gain little on idle cores and lose much on
 # a busy machine: 8 s per step instead of 0.1 s when the two cores were shared with other work.)
 THREADS = 1
+EVAL_PLOT = "eval_curves.png"
+POOLED = "cv_bench/accuracy"    # the evaluation's accuracy over all questions (the table's pooled figure)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,10 @@ class Plan:
     sft_batch: int = 16
     pt_lr: float = 1e-3
     sft_lr: float = 5e-4
+    pt_holdout: float = 0.03    # share of each pre-training source held out (data_prep --holdout; ~31 and ~15)
+    pt_eval_samples: int = 32   # held-out samples per pre-training source each evaluation reads
+    sft_holdout: int = 16       # held-out samples per SFT source
+    evaluations: int = 8        # evaluations while each training runs (held-out loss, CV-Bench for SFT)
     model_size: str = "small"
     tokenizer_vocab: int = 1000
 
@@ -184,7 +194,8 @@ def _encode_args(q: Quickstart) -> list[str]:
 def pretrain_shards(q: Quickstart) -> None:
     q.side_by_side({f"pt_shards_{source}": [sys.executable, "data_prep/build_pretrain_shards.py",
                                             str(q.world / "pt" / source), "--source", source,
-                                            "--out", str(q.data / "pt" / source), *_encode_args(q)]
+                                            "--out", str(q.data / "pt" / source), *_encode_args(q),
+                                            "--holdout", str(q.plan.pt_holdout)]
                     for source in ("kale", "ocr200m")})
 
 
@@ -197,7 +208,7 @@ def sft_mixture(q: Quickstart) -> None:
     q.run("sft_mixture", [sys.executable, "data_prep/build_sft_mixture.py", "--sources",
                           str(q.world / "sources.yaml"), "--out", str(q.data / "sft"),
                           *[a for name, r in ratios.items() for a in ("--ratio", f"{name}={r}")], *_encode_args(q),
-                          "--seed", str(q.seed)])
+                          "--seed", str(q.seed), "--holdout", str(q.plan.sft_holdout)])
 
 
 def warmup_steps(steps: int) -> int:
@@ -217,10 +228,20 @@ def _train_args(q: Quickstart, recipe: str, steps: int, batch: int, lr: float, e
     return ["--config", recipe, *[a for s in settings for a in ("--set", s)]]
 
 
+def evaluation(q: Quickstart, steps: int, samples: int, benchmark: bool) -> str:
+    """The ``eval`` setting of a training: the held-out sets data prep wrote beside its datasets, every
+    ``steps / plan.evaluations`` steps; with ``benchmark``, the whole CV-Bench-style set too."""
+    every = max(1, steps // q.plan.evaluations)
+    cv_bench = (f", benchmark: {{task: cv_bench, data: {q.world / 'cvbench'}, limit: 100000, batch_size: 32, "
+                f"max_new_tokens: 4}}") if benchmark else ""
+    return f"eval={{every: {every}, max_samples: {samples}, micro_batch: 16{cv_bench}}}"
+
+
 def pretrain(q: Quickstart) -> None:
     datasets = f"data.datasets=[{{path: {q.data / 'pt' / 'kale'}}}, {{path: {q.data / 'pt' / 'ocr200m'}, proportion: 0.1}}]"
     args = _train_args(q, "tiny_pt", q.plan.pt_steps, q.plan.pt_batch, q.plan.pt_lr,
-                       [datasets, f"model.tokenizer={q.tokenizer}"])
+                       [datasets, f"model.tokenizer={q.tokenizer}",
+                        evaluation(q, q.plan.pt_steps, q.plan.pt_eval_samples, benchmark=False)])
     q.side_by_side({"pt": q.train_cmd("pt", args)}, q.ranks)
 
 
@@ -228,7 +249,8 @@ def finetune_cmd(q: Quickstart, mode: str, run: str) -> list[str]:
     """The SFT command line of one attention mode, from the PT export into ``runs/<run>``."""
     return q.train_cmd(run, _train_args(q, "tiny_sft", q.plan.sft_steps, q.plan.sft_batch, q.plan.sft_lr,
                                         [f"model.attention_mode={mode}", f"train.init_from={q.runs / 'pt' / 'export'}",
-                                         f"data.mixture={q.data / 'sft' / 'mixture.yaml'}"]))
+                                         f"data.mixture={q.data / 'sft' / 'mixture.yaml'}",
+                                         evaluation(q, q.plan.sft_steps, q.plan.sft_holdout, benchmark=True)]))
 
 
 def finetune(q: Quickstart) -> None:
@@ -268,8 +290,8 @@ STEPS: dict[str, Callable[[Quickstart], None]] = {
 def summarise(q: Quickstart) -> dict:
     """Results table (printed), report.md, loss_curves.png, results.json; returns the results."""
     from pipeline.eval.readers import read_cv_bench
-    from pipeline.eval.report import (chance_accuracy, plot_loss_curves, read_loss_curve, results_table,
-                                      write_report)
+    from pipeline.eval.report import (chance_accuracy, plot_eval_curves, plot_loss_curves, read_eval_curves,
+                                      read_loss_curve, results_table, write_report)
 
     items, _ = read_cv_bench(str(q.world / "cvbench"))
     n_choices = {i.key: len(i.choices) for i in items}
@@ -284,24 +306,34 @@ def summarise(q: Quickstart) -> dict:
         rows[f"SFT {mode}"] = {"scores": scores, "final_loss": losses[-1] if losses else None}
     table = results_table(rows, chance)
     plot_loss_curves(curves, str(q.out / "loss_curves.png"))
-    shares = json.loads((q.attention / SHARE_JSON).read_text())["models"]
+    runs = ("pt", *(f"sft_{mode}" for mode in ATTENTION_MODES))
+    evals = {run: read_eval_curves(str(q.runs / run / "metrics.jsonl")) for run in runs}
+    plot_eval_curves({f"SFT {mode}": evals[f"sft_{mode}"] for mode in ATTENTION_MODES}, str(q.out / EVAL_PLOT),
+                     benchmark=POOLED, chance=chance)
+    shares = {run: _eval_share(q.runs / run / "metrics.jsonl") for run in runs}
+    attention = json.loads((q.attention / SHARE_JSON).read_text())["models"]
     masks = json.loads((q.masks / MASKS_INDEX).read_text())
     results = {"chance": chance, "min_margin": q.min_margin, "n_questions": len(items),
                "accuracy": {m: rows[f"SFT {m}"]["scores"]["accuracy"] for m in ATTENTION_MODES},
                "scores": {m: rows[f"SFT {m}"]["scores"] for m in ATTENTION_MODES},
-               "attention_share": {m: shares[m]["per_layer"] for m in ATTENTION_MODES},
+               "attention_share": {m: attention[m]["per_layer"] for m in ATTENTION_MODES},
                "pt_final_loss": curves["pt"][1][-1] if curves["pt"][1] else None,
+               "eval_while_training": {run: {k: {"steps": v[0], "values": v[1]} for k, v in evals[run].items()}
+                                       for run in runs},
+               "eval_share": shares,
                "timings_s": q.timings, "plan": dataclasses.asdict(q.plan), "ranks": q.ranks, "seed": q.seed}
     notes = ["Pooled accuracy: " + ", ".join(f"{m} {100 * a:.1f}%" for m, a in results["accuracy"].items())
              + f" on {len(items)} questions; uniform guessing gives {100 * chance:.1f}%.",
              "Share of the image tokens' attention on the question (mean over layers, "
-             f"{shares[ATTENTION_MODES[0]]['samples']} {INSPECT_SOURCE} samples): "
-             + ", ".join(f"{m} {shares[m]['mean']:.3f}" for m in ATTENTION_MODES)
+             f"{attention[ATTENTION_MODES[0]]['samples']} {INSPECT_SOURCE} samples): "
+             + ", ".join(f"{m} {attention[m]['mean']:.3f}" for m in ATTENTION_MODES)
              + " (0 under causal by construction).",
              f"Attention masks of {', '.join(masks['samples'])} ({masks['tokens']} tokens) for every mode; "
              "left the mask (row = query), right its difference from causal (red: unlocked)."
-             + "".join(f" {m} not drawn: {why}" for m, why in masks["skipped"].items())]
-    figures = [("image → question attention share", f"{q.attention.name}/{SHARE_PLOT}")]
+             + "".join(f" {m} not drawn: {why}" for m, why in masks["skipped"].items()),
+             _eval_note(q, evals, shares)]
+    figures = [("evaluation while training: held-out loss per source and CV-Bench accuracy", EVAL_PLOT)]
+    figures += [("image → question attention share", f"{q.attention.name}/{SHARE_PLOT}")]
     figures += [(f"{mode} mask", f"{q.masks.name}/{name}") for mode, name in masks["pictures"].items()]
     write_report(str(q.out / "report.md"), "AKI quickstart", table, q.timings,
                  {"plan": dataclasses.asdict(q.plan), "ranks": q.ranks, "seed": q.seed, "out": str(q.out)}, notes,
@@ -310,6 +342,38 @@ def summarise(q: Quickstart) -> dict:
     print("\n" + table + "\n" + notes[0])
     print(f"report: {q.out / 'report.md'}   loss curves: {q.out / 'loss_curves.png'}")
     return results
+
+
+def _eval_share(metrics_path: Path) -> float | None:
+    """Evaluation time over training time of a run (its ``eval`` events' ``eval_s``, its steps' times)."""
+    evaluated = trained = 0.0
+    for line in metrics_path.read_text().splitlines() if metrics_path.exists() else []:
+        record = json.loads(line)
+        if record.get("event") == "eval":
+            evaluated += record.get("eval_s") or 0.0
+        elif "event" not in record:
+            trained += record.get("step_time_s") or 0.0
+    return evaluated / trained if trained else None
+
+
+def _eval_note(q: Quickstart, evals: dict, shares: dict) -> str:
+    """One paragraph on the evaluations while training (the figure's numbers)."""
+    def last(run: str, key: str) -> str:
+        values = evals[run].get(key, ([], []))[1]
+        return f"{values[-1]:.3f}" if values else "n/a"
+
+    pt_sources = sorted(k.split("/", 1)[1] for k in evals["pt"] if k.startswith("heldout/"))
+    accuracy = {m: evals[f"sft_{m}"].get(POOLED, ([], []))[1] for m in ATTENTION_MODES}
+    return ("Evaluation while training (pipeline.train_eval, on the training engine, held-out samples data prep "
+            f"kept out of training: {100 * q.plan.pt_holdout:g} % of each PT source, {q.plan.sft_holdout} samples "
+            "per SFT source). "
+            "PT held-out loss at the end: " + ", ".join(f"{s} {last('pt', f'heldout/{s}')}" for s in pt_sources)
+            + "; SFT held-out loss (all sources): " + ", ".join(f"{m} {last(f'sft_{m}', 'heldout/overall')}"
+                                                               for m in ATTENTION_MODES)
+            + "; CV-Bench-style accuracy (all questions) over the evaluations: " + "; ".join(
+                f"{m} " + " → ".join(f"{100 * a:.1f}" for a in accuracy[m]) for m in ATTENTION_MODES)
+            + ". Evaluation time over training time: " + ", ".join(
+                f"{run} {100 * share:.1f}%" for run, share in shares.items() if share is not None) + ".")
 
 
 def below_margin(results: dict, min_margin: float) -> dict[str, float]:

@@ -27,6 +27,10 @@ Samples the loader dropped are summed over the ranks in the same all-reduce and 
 reason (:class:`pipeline.metrics.DroppedSamples`: each step's record, the run's summary, the stop past
 ``data.max_skip_fraction``). A :class:`pipeline.watchdog.StepWatchdog` per rank ends the process with
 every thread's stack when no step finishes within ``train.step_timeout``.
+
+With ``eval:`` in the recipe, a :class:`pipeline.train_eval.TrainingEvaluator` measures the held-out loss
+per source (and a benchmark) on the same engine every ``eval.every`` steps and at the end, without
+changing what training computes; the best checkpoint by ``eval.best`` is kept.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ from pipeline.weights_check import frozen_digest
 from pipeline.flops import BatchShape, count_model, step_flops, visible_pairs
 from pipeline.metrics import DroppedSamples, MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
 from pipeline.tokens import PAD
+from pipeline.train_eval import TrainingEvaluator, check_eval_access, progress_fields
 from pipeline.watchdog import StepWatchdog
 from pipeline.zero3 import register_zero_config
 
@@ -152,6 +157,9 @@ class Trainer:
                                  on_start=lambda info: self.logger.event({"event": "data_phase", "step": self.step,
                                                                           **info}))
 
+        self.evaluator = TrainingEvaluator.from_config(config, self.tokenizer, model.image_processor, self.rank,
+                                                       self.world, self.device)
+        self.eval_postfix: dict[str, str] = {}      # the last evaluation's figures in the progress bar
         self.step, self.nonfinite_streak, self.skipped_steps = 0, 0, 0
         self.dropped = DroppedSamples(config.data.max_skip_fraction)
         self.watchdog = StepWatchdog.from_config(config, self.rank)
@@ -167,6 +175,8 @@ class Trainer:
             self.frozen_sha256, repairs = state["frozen_sha256"], state.get("universal_repairs")
             self.dropped.load_state_dict(state.get("dropped"))
             self.data.load_state_dict(rank_state["data"], self.step)
+            if self.evaluator is not None:
+                self.evaluator.best.load_state_dict(state.get("eval_best"))
         else:
             self.frozen_sha256 = frozen_digest(self.engine.module)   # written into every checkpoint, checked on resume
         phase("data_and_resume_s")
@@ -263,7 +273,7 @@ class Trainer:
             self.watchdog.beat(self.step)
             bar.update(1)
             if self.rank == 0 and (self.step % t.log_every == 0 or not r["finite"]):
-                bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", refresh=False)
+                bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", **self.eval_postfix, refresh=False)
             if not r["finite"]:
                 self.logger.event({"event": "nonfinite_loss", "step": self.step, "loss": r["loss"],
                                    "streak": self.nonfinite_streak})
@@ -277,7 +287,10 @@ class Trainer:
                 self.logger.summary(*self.dropped.summary(self.step))
                 raise RuntimeError(self.dropped.too_many())
             stop = r["stop"] or self.step == self.stop_at_step
-            if stop or self.step % t.save_every == 0 or self.step == t.total_steps:
+            saving = stop or self.step % t.save_every == 0 or self.step == t.total_steps
+            if self.evaluator is not None:
+                self.evaluate(elapsed, saving)
+            if saving:
                 self.save()
                 saved_at = self.step
                 self.watchdog.beat(self.step)
@@ -299,15 +312,32 @@ class Trainer:
                 f"data and the learning rate, then resume from an earlier checkpoint with --resume CKPT_DIR")
         return self.export()
 
+    def evaluate(self, step_time: float, saving: bool) -> None:
+        """The recipe's evaluation when one is due after this step (:mod:`pipeline.train_eval`); one at a
+        checkpoint step may become the run's best."""
+        self.evaluator.add_training_time(step_time)
+        if not self.evaluator.due(self.step):
+            return
+        record = self.evaluator.run(self.engine, self.step, self.prepare)
+        if saving and self.evaluator.best.update(record, self.step):
+            record["best"] = self.evaluator.best.state_dict()
+        self.logger.log_eval(record)
+        self.watchdog.beat(self.step)
+        self.eval_postfix = progress_fields(record)
+
     def save(self) -> Path:
         state = {"wandb_run_id": self.run_id, "skipped_steps": self.skipped_steps, "config": self.config.to_dict(),
                  "dropped": self.dropped.state_dict(), "frozen_sha256": self.frozen_sha256}
+        best = None if self.evaluator is None else self.evaluator.best.state_dict()
+        if best is not None:
+            state["eval_best"] = best
         from pipeline.export import save_skeleton
 
         path = ckpt.save(self.engine, self.output_dir, self.step, state, {"data": self.data.state_dict()},
                          self.config.train.keep_last,
                          write_extra=lambda p: save_skeleton(self.engine.module, p / ckpt.SKELETON),
-                         trainable_only=self.config.model.lora is not None)
+                         trainable_only=self.config.model.lora is not None,
+                         protect=[best["step"]] if best and best["step"] is not None else [])
         self.logger.event({"event": "checkpoint", "step": self.step, "path": str(path)})
         return path
 
@@ -342,6 +372,7 @@ def prepare_config(args: argparse.Namespace) -> Config:
         from pipeline.data.dataset import check_data_access
 
         check_data_access(config.data)          # a missing bucket or a wrong credential: one error, no training
+        check_eval_access(config)               # held-out data and benchmark files, the same
     return config
 
 

@@ -119,6 +119,53 @@ def validate(config: Config) -> None:
         t.output_dir = os.path.join("runs", config.name)
     if m.lora is not None:
         _validate_lora(config)
+    if config.eval is not None:
+        _validate_eval(config)
+
+
+def _validate_eval(config: Config) -> None:
+    """``eval``: positive sizes, one source per entry, a known benchmark, a metric ``eval.best`` can name, and
+    evaluations at the checkpoint steps that may keep the best."""
+    from pipeline.train_eval import BENCHMARKS, HELDOUT
+
+    e, t = config.eval, config.train
+    _positive(e.every, "eval.every", allow_zero=True)
+    for key in ("max_samples", "micro_batch"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"config `eval.{key}` must be a positive integer, got {getattr(e, key)!r}")
+    for i, s in enumerate(e.datasets or []):
+        if (s.path is None) == (s.remote is None):
+            raise ConfigError(f"config `eval.datasets[{i}]` needs exactly one of `path` (a local folder) and "
+                              f"`remote` (s3://bucket/prefix), got {s!r}")
+        if s.remote is not None and not is_remote(s.remote):
+            raise ConfigError(f"config `eval.datasets[{i}].remote` must be an s3:// URL, got {s.remote!r}")
+    b = e.benchmark
+    if b is not None:
+        _choice(b.task, BENCHMARKS, "eval.benchmark.task")
+        if not b.data:
+            raise ConfigError(f"config `eval.benchmark.data` is empty; give the {b.task} files (as the benchmark "
+                              f"command's --data)")
+        for key in ("limit", "batch_size", "max_new_tokens"):
+            if getattr(b, key) < 1:
+                raise ConfigError(f"config `eval.benchmark.{key}` must be a positive integer, "
+                                  f"got {getattr(b, key)!r}")
+    if e.best is not None:
+        kind, _, metric = e.best.partition("/")
+        if kind == HELDOUT:
+            if not metric:
+                raise ConfigError(f"config `eval.best` is {e.best!r}; name a source, e.g. {HELDOUT}/overall")
+        elif b is None or kind != b.task:
+            if b is None:
+                scores = " (or add `eval.benchmark` to keep the best by a benchmark score)"
+            else:
+                names = ", ".join(f"{b.task}/{k}" for k in BENCHMARKS[b.task].higher_is_better)
+                scores = f" or a {b.task} score ({names})"
+            raise ConfigError(f"config `eval.best` is {e.best!r}; choose {HELDOUT}/overall, {HELDOUT}/<source>{scores}")
+        else:
+            _choice(metric, BENCHMARKS[kind].higher_is_better, "eval.best (the score after the task)")
+        if e.every == 0 or t.save_every % e.every:
+            raise ConfigError(f"config `eval.best` keeps the best checkpoint among evaluations at checkpoint steps: "
+                              f"`train.save_every` ({t.save_every}) must be a multiple of `eval.every` ({e.every})")
 
 
 def _validate_lora(config: Config) -> None:
@@ -231,6 +278,13 @@ def validate_launch(config: Config, world_size: int) -> int:
             raise ConfigError(f"config `{key}`: {path} does not exist (working directory {os.getcwd()})")
     if config.model.lora is not None:
         _validate_lora_launch(config)
+    if config.eval is not None:
+        paths = {f"eval.datasets[{i}].path": s.path for i, s in enumerate(config.eval.datasets or [])}
+        if config.eval.benchmark is not None:
+            paths["eval.benchmark.data"] = config.eval.benchmark.data
+        for key, path in paths.items():
+            if path is not None and not resolve_path(path).exists():
+                raise ConfigError(f"config `{key}`: {path} does not exist (working directory {os.getcwd()})")
     return accum
 
 

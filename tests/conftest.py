@@ -161,9 +161,10 @@ def s3_env(s3_server, monkeypatch):
 
 # `make test` runs two pytest-xdist workers, one module at a time each (--dist loadfile, in this order:
 # --no-loadscope-reorder); the longest modules go first so that the workers finish together instead of one
-# running the quickstart alone at the end.
-LONGEST_FIRST = ("test_quickstart.py", "test_train.py", "test_lora.py", "test_outage.py", "test_slurm.py",
-                 "test_released.py")
+# running the quickstart alone at the end. The training tests are several modules (tests/test_train*.py, one
+# reference run shared between them) so that the two workers can share them.
+LONGEST_FIRST = ("test_quickstart.py", "test_train_remote.py", "test_train.py", "test_train_sft.py",
+                 "test_train_eval.py", "test_lora.py", "test_outage.py", "test_slurm.py", "test_released.py")
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -75,6 +77,28 @@ def write_dataset(folder: str | os.PathLike, tokenizer, kind: str, n: int, num_v
             manifest.tokens += len(enc.input_ids)
     manifest.write(folder)
     return str(folder)
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name`` of this test run, made by ``build(folder)`` (``folder`` does not exist yet) only
+    by the first test module that asks for it: every module of the run (in every pytest-xdist worker: they
+    share the parent of their temporary folders) gets the same folder, and a later one waits under a file
+    lock while the first builds it. A failed build leaves nothing behind (the next asker builds again)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            done.touch()
+    return folder
 
 
 def torchrun(args: list[str], nproc: int, env: dict[str, str] | None = None, timeout: float = 240,

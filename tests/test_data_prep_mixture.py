@@ -105,3 +105,108 @@ def test_bad_records_and_a_broken_source_never_stop_the_other_sources(tmp_path, 
     with pytest.raises(SystemExit) as exit_:
         sft_main(args + ["--only", "nope"])
     assert exit_.value.code == 2
+
+
+# ---- held-out data (--holdout) -------------------------------------------------------------------------
+
+def _hash(source, record_id):
+    """The split's hash, written out here from its definition (data_prep/holdout.py docstring)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(f"{source}\0{record_id}".encode()).digest()[:8], "big") / 2 ** 64
+
+
+def _ids(folder):
+    with one_registration_at_a_time():
+        ds = StreamingDataset(local=str(folder), batch_size=1, shuffle=False)
+    return [ds[i]["id"] for i in range(ds.num_samples)]
+
+
+def _bytes(folder):
+    import os
+
+    return {os.path.relpath(os.path.join(root, n), folder): open(os.path.join(root, n), "rb").read()
+            for root, _, names in os.walk(folder) for n in names}
+
+
+@pytest.fixture(scope="module")
+def holdout_world(tmp_path_factory):
+    world = generate_world(str(tmp_path_factory.mktemp("holdout_world")), seed=4, num_pretrain=0, num_sft=8,
+                           num_eval=0)
+    sources = read_sources_file(world.sources_yaml)
+    return {k: sources[k] for k in ("vqav2", "llava150k")}
+
+
+def test_sft_holdout_is_the_same_on_every_rebuild_disjoint_and_listed(tmp_path, tiny_tokenizer_path, holdout_world):
+    import json
+
+    from pipeline.data.format import heldout_path, read_manifest
+    from pipeline.data.mixture import load_heldout
+
+    settings = EncodeSettings(tiny_tokenizer_path, "tiny", 512)
+    ratios = {"vqav2": 0.5, "llava150k": 0.5}
+    plain = build_sft_mixture(holdout_world, str(tmp_path / "plain"), settings, ratios=ratios)
+    first = build_sft_mixture(holdout_world, str(tmp_path / "a"), settings, ratios=ratios, holdout=3)
+    build_sft_mixture(holdout_world, str(tmp_path / "b"), settings, ratios=ratios, holdout="3", workers=2)
+
+    # without --holdout: no held-out folder, no key in the manifests or the mixture
+    assert not (tmp_path / "plain/heldout").exists() and load_heldout(plain) == []
+    assert "heldout" not in yaml.safe_load(open(plain))
+    assert "heldout" not in json.load(open(tmp_path / "plain/vqav2/manifest.json"))
+    assert heldout_path(str(tmp_path / "plain/vqav2"), read_manifest(str(tmp_path / "plain/vqav2"))) is None
+
+    held_entries = load_heldout(first)
+    assert [(n, local) for n, local, _ in held_entries] == [("vqav2", str(tmp_path / "a/heldout/vqav2")),
+                                                            ("llava150k", str(tmp_path / "a/heldout/llava150k"))]
+    assert _bytes(tmp_path / "b") == _bytes(tmp_path / "a")        # another rebuild, 2 workers (before reading:
+    for name, local, samples in held_entries:                     # streaming unpacks shards beside the index)
+        held, train, everything = _ids(local), _ids(tmp_path / "a" / name), _ids(tmp_path / "plain" / name)
+        assert not set(held) & set(train) and sorted(held + train) == sorted(everything)
+        # the 3 records (questions; conversations for LLaVA, one sample per turn) with the smallest hashes
+        records = sorted({i.split("-")[0] for i in everything}, key=lambda r: (_hash(name, r), r))[:3]
+        assert sorted({i.split("-")[0] for i in held}) == sorted(records)
+        manifest = read_manifest(str(tmp_path / "a" / name))
+        assert manifest.heldout == {"path": f"../heldout/{name}", "samples": len(held), "spec": 3, "ids": held}
+        assert samples == len(held) == read_manifest(local).samples and manifest.samples == len(train)
+        assert heldout_path(str(tmp_path / "a" / name), manifest) == local
+    assert len(_ids(tmp_path / "a/heldout/vqav2")) == 3                          # one sample per question
+    assert [s for _, _, s in held_entries][1] > 3                                # several turns per conversation
+    streams = yaml.safe_load(open(first))["streams"]
+    assert [s["samples"] for s in streams] == [read_manifest(str(tmp_path / "a" / n)).samples for n in ratios]
+
+    # a fraction: each record on its own, below the fraction → held out
+    build_sft_mixture({"vqav2": holdout_world["vqav2"]}, str(tmp_path / "f"), settings, holdout=0.5)
+    everything = _ids(tmp_path / "plain/vqav2")
+    assert _ids(tmp_path / "f/heldout/vqav2") == [i for i in everything if _hash("vqav2", i) < 0.5]
+    assert _ids(tmp_path / "f/vqav2") == [i for i in everything if _hash("vqav2", i) >= 0.5]
+
+
+def test_sft_rebuild_with_another_holdout_is_refused_until_overwrite(tmp_path, tiny_tokenizer_path, holdout_world,
+                                                                     capsys):
+    from data_prep.sft.build import SourceFailed
+    from pipeline.data.format import read_manifest
+
+    settings = EncodeSettings(tiny_tokenizer_path, "tiny", 512)
+    sources = {"vqav2": holdout_world["vqav2"]}
+    build_sft_mixture(sources, str(tmp_path), settings, holdout=2)
+    for other, shown in ((0.5, "--holdout 2 != 0.5"), (None, "--holdout 2 != (none)")):
+        with pytest.raises(SourceFailed, match="already built with other settings") as err:
+            build_sft_mixture(sources, str(tmp_path), settings, holdout=other)
+        assert str(tmp_path / "vqav2") in str(err.value) and shown in str(err.value)
+        assert "--overwrite" in str(err.value)
+    build_sft_mixture(sources, str(tmp_path), settings, holdout=0.5, overwrite=True)
+    assert read_manifest(str(tmp_path / "vqav2")).heldout["spec"] == 0.5
+
+
+@pytest.mark.parametrize("spec", ["0", "-3", "1.5", "1.0", "0.0", "abc", "nan", ""])
+def test_a_bad_holdout_is_one_clear_error_before_any_work(tmp_path, spec, capsys):
+    from data_prep.holdout import parse_holdout
+    from data_prep.sft.build import main as sft_main
+
+    with pytest.raises(ValueError, match="--holdout takes a count .* or a fraction between 0 and 1"):
+        parse_holdout(spec)
+    with pytest.raises(SystemExit) as exit_:         # the sources file is never read, nothing is written
+        sft_main(["--sources", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out"), "--tokenizer", "x",
+                  "--holdout", spec])
+    assert exit_.value.code == 2 and "--holdout takes a count" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

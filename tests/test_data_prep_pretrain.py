@@ -174,3 +174,64 @@ def test_finished_parts_built_with_other_settings_are_not_reused(tmp_path, setti
     with pytest.raises(ValueError, match="already built with other settings .*num_visual_tokens 4 != 8"):
         build_pretrain([raw], str(tmp_path / "out"), "kale", EncodeSettings(tiny_tokenizer_path, "small", 128),
                        workers=1)
+
+
+# ---- held-out data (--holdout FRACTION) ----------------------------------------------------------------
+
+def key_hash(key):
+    """The split's hash, written out here from its definition (data_prep/holdout.py docstring)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(f"kale\0{key}".encode()).digest()[:8], "big") / 2 ** 64
+
+
+def test_holdout_is_the_same_for_any_workers_and_parts_and_disjoint(tmp_path, settings):
+    from pipeline.data.format import heldout_path
+
+    raw = kale_tars(str(tmp_path / "raw"), n_tars=4, per_tar=3)
+    build_pretrain([raw], str(tmp_path / "two"), "kale", settings, workers=2, tars_per_part=1, holdout=0.4)
+    one = build_pretrain([raw], str(tmp_path / "one"), "kale", settings, workers=1, tars_per_part=1,
+                         holdout="0.4")
+    whole = build_pretrain([raw], str(tmp_path / "whole"), "kale", settings, workers=1, tars_per_part=4,
+                           holdout=0.4)
+    assert folder_bytes(tmp_path / "two") == folder_bytes(tmp_path / "one")     # before reading (unpacked shards)
+    for out in ("one", "whole"):              # each index lists its own parts' shards only
+        for index, parts in (("index.json", tmp_path / out), ("heldout/index.json", tmp_path / out / "heldout")):
+            shards = [s["zip_data"]["basename"] for s in json.load(open(tmp_path / out / index))["shards"]]
+            assert shards and all(s.startswith("part-") and (parts / s).is_file() for s in shards)
+
+    everything = [f"{t * 10**4 + i * 2:09d}" for t in range(4) for i in range(3)]
+    expected = [k for k in everything if key_hash(k) < 0.4]
+    assert 0 < len(expected) < len(everything)
+    for out, manifest in (("one", one), ("whole", whole)):
+        held = [r["id"] for r in read_all(tmp_path / out / "heldout")]
+        train = [r["id"] for r in read_all(tmp_path / out)]
+        assert held == expected and train == [k for k in everything if k not in expected]
+        assert manifest.heldout == {"path": "heldout", "samples": len(held), "spec": 0.4, "ids": held}
+        assert manifest.samples == len(train) and read_manifest(str(tmp_path / out)) == manifest
+        assert read_manifest(str(tmp_path / out / "heldout")).samples == len(held)
+        assert heldout_path(str(tmp_path / out), manifest) == str(tmp_path / out / "heldout")
+    part = read_manifest(str(tmp_path / "one/part-00001"))
+    assert part.heldout["path"] == "../heldout/part-00001"
+    assert heldout_path(str(tmp_path / "one/part-00001"), part) == str(tmp_path / "one/heldout/part-00001")
+    assert [r["input_ids"].tolist() for r in read_all(tmp_path / "one/heldout")] == [
+        r["input_ids"].tolist() for r in read_all(tmp_path / "whole/heldout")]
+
+    # a finished folder is never reused with another --holdout, nor without one
+    for other, shown in ((0.2, "--holdout 0.4 != 0.2"), (None, "--holdout 0.4 != (none)")):
+        with pytest.raises(ValueError, match="already built with other settings") as err:
+            build_pretrain([raw], str(tmp_path / "one"), "kale", settings, workers=1, tars_per_part=1, holdout=other)
+        assert shown in str(err.value) and str(tmp_path / "one/part-00000") in str(err.value)
+
+
+def test_pretrain_holdout_takes_a_fraction_only(tmp_path, settings, capsys):
+    from data_prep.pretrain import main
+
+    with pytest.raises(ValueError, match="--holdout 100: pre-training sources take a fraction"):
+        build_pretrain([str(tmp_path)], str(tmp_path / "o"), "kale", settings, holdout=100)
+    for spec, shown in (("100", "take a fraction"), ("1.5", "--holdout takes a count"), ("x", "--holdout takes")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path / "none"), "--source", "kale", "--out", str(tmp_path / "o"), "--tokenizer", "x",
+                  "--holdout", spec])
+        assert exit_.value.code == 2 and shown in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

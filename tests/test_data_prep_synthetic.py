@@ -79,7 +79,7 @@ def test_cv_bench_set_asks_what_the_sft_set_teaches(tmp_path):
     world = generate_world(str(tmp_path), seed=0, num_pretrain=0, num_sft=30, num_eval=30)
     rows = [json.loads(line) for f in ("test_2d.jsonl", "test_3d.jsonl")
             for line in open(os.path.join(world.cv_bench, f))]
-    assert {r["task"] for r in rows} == {"Count", "Relation", "Depth"}
+    assert {r["task"] for r in rows} == {"Count", "Relation", "Color", "Depth"}
     assert {r["source"] for r in rows} == {"ADE20K", "COCO", "Omni3D"}
     for r in rows:
         assert set(r) >= {"idx", "type", "task", "question", "choices", "answer", "prompt", "filename", "source"}

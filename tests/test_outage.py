@@ -3,7 +3,7 @@
 * storage: a download retries a blip (through :class:`s3_server.Relay`, which cuts and restores the
   suite's S3 endpoint without losing its objects) and names the endpoint past ``data.download_retry``;
   a shard missing from the bucket stops a run with one line naming it. (A 2-rank run that rides out a
-  blip, ends on a longer outage and resumes exactly is in tests/test_train.py, beside its reference run.)
+  blip, ends on a longer outage and resumes exactly is in tests/test_train_remote.py, beside its bucket runs.)
 * the step watchdog: a rank stalled in its forward → every rank prints its stacks and exits non-zero;
 * dropped samples: a 2-rank run over records with undecodable images and wrong image counts reports
   them per source, summed over the ranks, and stops past ``data.max_skip_fraction``.

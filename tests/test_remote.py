@@ -3,7 +3,7 @@ reads the mixture and the manifests from it; a missing bucket or a wrong secret 
 
 Each test talks to a real S3 API: moto's standalone server on 127.0.0.1 (tests/s3_server.py), which
 checks the request signatures. Training from the bucket (cache eviction, stop and exact resume) is in
-tests/test_train.py, the two-node launch there too.
+tests/test_train_remote.py, the two-node launch there too.
 """
 from __future__ import annotations
 
@@ -99,6 +99,34 @@ def test_sft_mixture_in_a_bucket_is_read_back_by_training(tmp_path, tiny_tokeniz
         return [row["id"] for row in dataset]
 
     assert ids(remote) == ids(local)
+
+
+def test_holdout_in_a_bucket_is_the_local_build_and_resolved_beside_each_dataset(tmp_path, tiny_tokenizer_path,
+                                                                                 world, s3_env):
+    from pipeline.data.format import heldout_path, read_manifest
+    from pipeline.data.mixture import load_heldout
+
+    settings = EncodeSettings(tiny_tokenizer_path, "tiny", 512)
+    sources = {"vqav2": read_sources_file(world.sources_yaml)["vqav2"]}
+    local = build_sft_mixture(sources, str(tmp_path / "sft"), settings, holdout=2)
+    url = s3_env.url("held", "sft")
+    build_sft_mixture(sources, url, settings, holdout=2, staging=str(tmp_path / "staging-sft"))
+    assert bucket_files(s3_env, "held/sft") == local_files(tmp_path / "sft")
+    assert "heldout/vqav2/_DONE" in local_files(tmp_path / "sft") and len(load_heldout(local)) == 1
+    manifest = read_manifest(str(tmp_path / "sft/vqav2"))
+    assert heldout_path(url + "/vqav2", manifest) == url + "/heldout/vqav2"
+
+    pt = EncodeSettings(tiny_tokenizer_path, "tiny", 128)
+    merged = build_pretrain([world.kale], str(tmp_path / "pt"), "kale", pt, workers=1, tars_per_part=1, holdout=0.3)
+    url = s3_env.url("held", "pt")
+    assert build_pretrain([world.kale], url, "kale", pt, workers=1, tars_per_part=1, holdout=0.3,
+                          staging=str(tmp_path / "staging-pt")) == merged
+    assert bucket_files(s3_env, "held/pt") == local_files(tmp_path / "pt")
+    assert 0 < merged.heldout["samples"] < 8 and heldout_path(url, merged) == url + "/heldout"
+    with one_registration_at_a_time():
+        held = StreamingDataset(remote=heldout_path(url, merged), local=str(tmp_path / "cache"), batch_size=1,
+                                shuffle=False)
+    assert [row["id"] for row in held] == merged.heldout["ids"]
 
 
 def test_missing_bucket_or_wrong_secret_is_one_clear_error(tmp_path, s3_env, monkeypatch):

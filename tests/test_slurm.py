@@ -5,7 +5,7 @@ with slurm/ci/setup_local_slurm.sh (Debian packages; needs root and apt-get) and
 reason, only where that is impossible. They submit the real ``slurm/pretrain.sbatch`` with the tiny CPU
 recipe (two CPU ranks through srun + torchrun) with a USR1 sent to the batch shell mid-training, which
 must save, requeue the job and resume it to the end with every optimizer step trained exactly once (that
-a resume reads the same data as a straight run is checked in tests/test_train.py, also through this
+a resume reads the same data as a straight run is checked in tests/test_train_remote.py, also through this
 script's requeue path on two nodes), and the prep array job into an S3 bucket.
 """
 from __future__ import annotations

@@ -5,28 +5,24 @@ Runs are shared between tests (each costs a process launch):
 * A  — PT, 6 steps straight, 2 ranks (probe: engine logits at the end) — the reference. Two data
   phases: "squares" (``a {colour} square`` captions) for steps 1-3, then "colours" (``{colour}``
   captions, a seeded subset of 8 samples: one epoch per step) from step 4, under one LR schedule;
-* B  — the same recipe with both datasets in an S3 bucket (moto on 127.0.0.1), streamed through a small
-  evicting cache, SIGTERM mid-run → checkpoint + exit 0;  C — ``--resume auto`` in B's folder on an emptied
-  cache (a damaged newer checkpoint is planted first): A's losses, data and weights, and no secret on disk;
 * F  — 1 rank resuming A's 2-rank step-2 checkpoint (universal conversion) across the phase switch to
   step 4;  G — 2 ranks again from F's checkpoint (loader state inside phase "colours"); both must give
   A's losses, G also A's data digests, Adam state and weights;
-* S  — SFT from A's export under ZeRO-3 on 2 ranks, its last step non-finite (non-zero exit); S's step 2
-  resumed on 1 rank, then on 2: S's losses, Adam state and A's vision tower, bit for bit;
 * H  — SFT from A's export on one process under ZeRO-2 (a third of its samples text-only), with non-finite
-  losses injected on step 2 (skipped) and steps 6-7 (two in a row: the run stops);
-* two nodes — B's recipe from ``slurm/pretrain.sbatch`` on two "nodes" of one rank each, USR1 → requeue.
+  losses injected on step 2 (skipped) and steps 6-7 (two in a row: the run stops).
 
-The datasets are written in small shards (2 KiB): a cache of a few shards holds only part of them.
+SFT from A's export resumed on other rank counts (S) is in tests/test_train_sft.py, and A's recipe with its
+datasets in object storage (SIGTERM and resume, two nodes, a storage outage) in tests/test_train_remote.py:
+modules of their own so that the suite's two workers (one module each at a time) share the load. The
+datasets and run A are made once for all three modules (``built_once``). The datasets are written in small
+shards (2 KiB): a cache of a few shards holds only part of them.
 """
 from __future__ import annotations
 
 import math
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +32,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_utils import REPO, probe_batch, show, torchrun, write_dataset  # noqa: E402
+from dist_utils import REPO, built_once, probe_batch, show, torchrun, write_dataset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PT = ["--config", "tiny_pt", "--set", "train.total_steps=6", "--set", "train.save_every=2",
@@ -47,16 +43,28 @@ METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per
                  "data_wait_share", "target_tokens", "data_digest", "skipped"}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_tokenizer_path):
+def _write_world(root: Path, tokenizer_path: str) -> None:
+    """The tokenizer and the three datasets of the training tests, in ``root``."""
     from pipeline.model.tokenizer import load_tokenizer
 
-    root = tmp_path_factory.mktemp("train")
-    tok = load_tokenizer(tiny_tokenizer_path)
-    data = {"pt": write_dataset(root / "pt", tok, "pt", 64, shard_size=SHARD_SIZE),
-            "colours": write_dataset(root / "colours", tok, "pt", 64, caption="{color}", shard_size=SHARD_SIZE),
-            "sft": write_dataset(root / "sft", tok, "sft", 32, text_only_every=3)}
-    common = ["--set", f"model.tokenizer={tiny_tokenizer_path}"]
+    root.mkdir()
+    shutil.copytree(tokenizer_path, root / "tokenizer")
+    tok = load_tokenizer(str(root / "tokenizer"))
+    write_dataset(root / "pt", tok, "pt", 64, shard_size=SHARD_SIZE)
+    write_dataset(root / "colours", tok, "pt", 64, caption="{color}", shard_size=SHARD_SIZE)
+    write_dataset(root / "sft", tok, "sft", 32, text_only_every=3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_tokenizer_path):
+    """The training tests' tokenizer and datasets, and the folder of their runs: one for the whole test run
+    (tests/test_train*.py), written by the first module that asks."""
+    from pipeline.model.tokenizer import load_tokenizer
+
+    root = built_once(tmp_path_factory, "train", lambda folder: _write_world(folder, tiny_tokenizer_path))
+    tok = load_tokenizer(str(root / "tokenizer"))
+    data = {name: str(root / name) for name in ("pt", "colours", "sft")}
+    common = ["--set", f"model.tokenizer={root / 'tokenizer'}"]
     return {"root": root, "tok": tok, "pt": common + ["--set", pt_phases("path", data["pt"], data["colours"])],
             "sft": ["--set", f"data.datasets=[{{path: {data['sft']}}}]"], "folders": data, "tokenizer": common}
 
@@ -69,12 +77,15 @@ def pt_phases(key: str, squares: str, colours: str) -> str:
 
 def train(world, name: str, args: list[str], nproc: int = 2, probe: bool = False, env=None):
     out = world["root"] / name
+    return out, launch(out, args, nproc, probe, env)
+
+
+def launch(out: Path, args: list[str], nproc: int = 2, probe: bool = False, env=None) -> subprocess.CompletedProcess:
+    """``pipeline.train ARGS`` into ``out`` under torchrun (``probe``: through tests/dist_utils.py's probe)."""
     full = args + ["--output-dir", str(out)]
     if probe:
-        proc = torchrun(["tests/dist_utils.py", "probe", str(out / "probe"), "--"] + full, nproc, env, module=False)
-    else:
-        proc = torchrun(["pipeline.train"] + full, nproc, env)
-    return out, proc
+        return torchrun(["tests/dist_utils.py", "probe", str(out / "probe"), "--"] + full, nproc, env, module=False)
+    return torchrun(["pipeline.train"] + full, nproc, env)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -86,10 +97,13 @@ def digests(out: Path) -> dict[int, str]:
 
 
 @pytest.fixture(scope="module")
-def run_a(world):
-    out, proc = train(world, "A", PT + world["pt"], probe=True, env={"WANDB_MODE": "offline"})
-    assert proc.returncode == 0, show(proc)
-    return out
+def run_a(world, tmp_path_factory):
+    """Run A's folder: trained once for the whole test run, by the first module that asks."""
+    def build(out: Path) -> None:
+        proc = launch(out, PT + world["pt"], probe=True, env={"WANDB_MODE": "offline"})
+        assert proc.returncode == 0, show(proc)
+
+    return built_once(tmp_path_factory, "train-A", build)
 
 
 def events(out: Path, kind: str) -> list[dict]:
@@ -138,23 +152,6 @@ def test_export_reloads_with_the_trained_engines_logits(run_a, world):
     assert not torch.allclose(engine_logits, torch.load(run_a / "probe" / "logits_start.pt", weights_only=True))
 
 
-def _sigterm_when_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 180) -> None:
-    import psutil
-
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            reached = any(r["step"] >= step for r in read_metrics(out))
-        except ValueError:          # a line being written
-            reached = False
-        if reached:
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.send_signal(signal.SIGTERM)
-            return
-        time.sleep(0.2)
-    raise AssertionError("the run never reached the step to interrupt")
-
-
 # Losses of a run resumed on another number of ranks, against the uninterrupted 2-rank run. Measured on the
 # 2-core CPU machine (fp32): identical on every step (difference 0), the 1-rank leg's other summation order
 # rounding the same here; 1e-6 relative is a few fp32 ulps of the losses (~6).
@@ -196,13 +193,22 @@ def assert_same_optimizer(resumed: Path, straight: Path) -> None:
 
 
 def zero_to_fp32(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed's own consolidation command line on one checkpoint folder, read back."""
+    """DeepSpeed's own consolidation command line on one checkpoint folder, read back. It runs as
+    ``python -m deepspeed.utils.zero_to_fp32 ARGS`` would (its ``__main__``, these arguments), in this process:
+    a new interpreter would spend seconds importing torch and DeepSpeed again."""
+    import runpy
+    import warnings
+
     from safetensors.torch import load_file
 
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(checkpoint.parent), str(out),
-                           "--tag", checkpoint.name, "--safe_serialization"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
-    assert proc.returncode == 0, show(proc)
+    argv = sys.argv
+    sys.argv = ["zero_to_fp32", str(checkpoint.parent), str(out), "--tag", checkpoint.name, "--safe_serialization"]
+    try:
+        with warnings.catch_warnings():     # deepspeed.utils imports the module too: runpy runs it anew
+            warnings.filterwarnings("ignore", "'deepspeed.utils.zero_to_fp32' found in sys.modules", RuntimeWarning)
+            runpy.run_module("deepspeed.utils.zero_to_fp32", run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = argv
     return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
@@ -256,33 +262,6 @@ def test_resume_on_one_rank_across_the_phase_switch_and_back_on_two_gives_the_sa
         torch.testing.assert_close(exported[k], reference[k], rtol=0, atol=RANK_CHANGE_ATOL)
 
 
-def test_sft_resumed_on_other_rank_counts_keeps_its_vision_tower_and_adam_and_ends_nonzero_after_a_skipped_last_step(
-        run_a, world, tmp_path):
-    """SFT from A's export under ZeRO-3 (the tower comes from ``init_from``, which a resume does not read):
-    S straight on 2 ranks (its 5th and last step made non-finite), then S's step 2 on 1 rank to step 3 and
-    on 2 ranks again to step 4."""
-    sft = ["--config", "tiny_sft", "--set", f"train.init_from={run_a / 'export'}", "--set", "train.total_steps=5",
-           "--set", "train.save_every=2", "--set", "train.keep_last=4"] + world["sft"]
-    out_s, proc = train(world, "S", sft, probe=True, env={"WANDB_MODE": "disabled", "AKI_TEST_NAN_STEPS": "5"})
-    # the last step was skipped as non-finite: a non-zero exit, its checkpoint kept, no export
-    assert proc.returncode != 0 and "had a non-finite loss and were skipped" in proc.stdout + proc.stderr, show(proc)
-    assert ckpt.latest_complete(out_s).name == ckpt.step_tag(5) and not (out_s / "export").exists()
-    s = losses(out_s)
-    out_r, proc = train(world, "S-resumed", sft + ["--resume", str(ckpt.checkpoints_root(out_s) / ckpt.step_tag(2)),
-                                                   "--stop-at-step", "3"], nproc=1, env={"WANDB_MODE": "disabled"})
-    assert proc.returncode == 0, show(proc)
-    _, proc = train(world, "S-resumed", sft + ["--resume", "auto", "--stop-at-step", "4"],
-                    env={"WANDB_MODE": "disabled"})
-    assert proc.returncode == 0, show(proc)
-    assert losses(out_r) == {3: pytest.approx(s[3], rel=RANK_CHANGE_REL), 4: pytest.approx(s[4], rel=RANK_CHANGE_REL)}
-    assert digests(out_r)[4] == digests(out_s)[4]
-    reference = export_tensors(run_a / "export")           # the tower SFT started from, never trained
-    for step in (3, 4):                                     # saved by 1 rank, then by 2
-        assert_vision_tower(zero_to_fp32(ckpt.checkpoints_root(out_r) / ckpt.step_tag(step), tmp_path / f"{step}"),
-                            reference)
-    assert_same_optimizer(ckpt.checkpoints_root(out_r) / ckpt.step_tag(4), ckpt.checkpoints_root(out_s) / ckpt.step_tag(4))
-
-
 def test_sft_on_one_process_under_zero2_skips_a_nonfinite_step_and_stops_after_two_in_a_row(run_a, world):
     from pipeline.model.aki import AKIModel
 
@@ -327,186 +306,3 @@ def test_a_new_run_into_a_folder_with_checkpoints_fails_before_any_distributed_w
     err = capsys.readouterr().err
     assert code == 2 and "already holds checkpoints" in err and "--resume auto" in err, err
     assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == before
-
-
-# ---- datasets in object storage --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def bucket(world, s3_server) -> dict:
-    """Run A's two datasets uploaded to the S3 bucket: {phase: URL}, and {phase: [shard bytes]} as "shards"."""
-    import json
-
-    s3, urls, shards = s3_server.client(), {}, {}
-    for phase, key in (("squares", "pt"), ("colours", "colours")):
-        folder = Path(world["folders"][key])
-        for path in sorted(folder.iterdir()):
-            s3.upload_file(str(path), s3_server.bucket, f"train/{key}/{path.name}")
-        urls[phase] = s3_server.url("train", key)
-        shards[phase] = [s["raw_data"]["bytes"] for s in json.loads((folder / "index.json").read_text())["shards"]]
-    return {**urls, "shards": shards}
-
-
-def remote_args(world, bucket) -> list[str]:
-    return PT + world["tokenizer"] + ["--set", pt_phases("remote", bucket["squares"], bucket["colours"])]
-
-
-def test_sigterm_while_streaming_from_a_bucket_checkpoints_and_resume_auto_reproduces_the_local_run(
-        run_a, world, s3_server, bucket):
-    import os
-
-    from dist_utils import free_port
-
-    from pipeline.data.remote import cache_folder
-
-    squares = bucket["shards"]["squares"]
-    limit = 14 * max(max(b) for b in bucket["shards"].values())   # 2 ranks x (2 x predownload 2 + 3) shards
-    assert len(squares) >= 24 and limit < sum(squares)
-    out, cache = world["root"] / "B", world["root"] / "B-cache"
-    args = remote_args(world, bucket) + ["--set", f"data.cache_dir={cache}", "--set", f"data.cache_limit={limit}b",
-                                         "--set", "data.predownload=2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "pipeline.train"] + args + ["--output-dir", str(out)]
-    env = {**os.environ, **s3_server.env(), "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    log_file = world["root"] / "B.log"      # a file, not a pipe: nobody reads a pipe until the run ends
-    with open(log_file, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
-        _sigterm_when_step(proc, out, 2)
-        proc.wait(timeout=180)
-    log = log_file.read_text()
-    assert proc.returncode == 0, log[-8000:]
-    assert "is deprecated" not in log, log[-4000:]         # no per-step deprecation warnings flooding the log
-    stopped = max(losses(out))
-    assert stopped < 6 and ckpt.latest_complete(out).name == ckpt.step_tag(stopped), log[-4000:]
-    cached = [p.stat().st_size for p in Path(cache_folder(bucket["squares"], str(cache))).glob("shard.*.mds")]
-    assert 0 < sum(cached) <= limit and len(cached) < len(squares), "the cache outgrew its limit"
-
-    # a newer checkpoint damaged mid-write (no COMPLETE marker, a truncated shard) must be passed over
-    damaged = ckpt.checkpoints_root(out) / ckpt.step_tag(stopped + 1)
-    shutil.copytree(ckpt.latest_complete(out), damaged)
-    (damaged / ckpt.COMPLETE).unlink()
-    shard = next(damaged.glob("*optim_states.pt"))
-    shard.write_bytes(shard.read_bytes()[:100])
-
-    shutil.rmtree(cache)                                         # resumed on a node with an empty cache
-    _, second = train(world, "B", args + ["--resume", "auto"], env={**s3_server.env(), "WANDB_MODE": "offline"})
-    assert second.returncode == 0, show(second)
-    assert min(s for s in losses(out) if s > stopped) == stopped + 1
-    assert digests(out) == digests(run_a)                        # the local folders' samples, step for step
-    assert losses(out) == pytest.approx(losses(run_a), rel=1e-6, abs=1e-6)
-    assert (out / "export" / "model.safetensors").read_bytes() == (run_a / "export" / "model.safetensors").read_bytes()
-    secret = s3_server.secret_key.encode()
-    leaked = [p for p in out.rglob("*") if p.is_file() and secret in p.read_bytes()]
-    assert not leaked and secret.decode() not in log + second.stdout + second.stderr, leaked
-
-
-def _steps_logged(out: Path) -> int:
-    try:
-        return len(read_metrics(out)) if (out / "metrics.jsonl").exists() else 0
-    except ValueError:                  # a line being written
-        return 0
-
-
-def test_two_nodes_train_like_one_and_survive_usr1_save_requeue_resume(run_a, world, s3_server, bucket, tmp_path):
-    """slurm/pretrain.sbatch on 2 nodes x 1 CPU rank, through tests/fake_slurm.py as srun and scontrol
-    (slurm/README.md says why not two slurmd): c10d rendezvous on the first node, a cache per node."""
-    import os
-
-    from dist_utils import free_port
-    from fake_slurm import install
-
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("two nodes on one host need a private /dev/shm per node: run as root with util-linux unshare")
-
-    run_dir, nodes = tmp_path / "run", tmp_path / "nodes"
-    env = {**os.environ, **s3_server.env(), "PATH": f"{install(str(tmp_path / 'bin'))}{os.pathsep}{os.environ['PATH']}",
-           "FAKE_SLURM_ROOT": str(nodes), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_JOB_NODELIST": "node[0-1]", "RDZV_PORT": str(free_port()), "AKI_ROOT": str(REPO),
-           "AKI_PYTHON": sys.executable, "RECIPE": "tiny_pt", "OUTPUT_DIR": str(run_dir), "CPU_PROCS_PER_NODE": "1",
-           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = ["bash", str(REPO / "slurm" / "pretrain.sbatch"), *remote_args(world, bucket)[2:],
-           "--set", "data.num_canonical_nodes=1"]
-    log = tmp_path / "job.out"
-    with open(log, "wb") as out:
-        job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while _steps_logged(run_dir) < 1:                       # mid-training: the first step done
-            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
-            time.sleep(0.2)
-        job.send_signal(signal.SIGUSR1)                          # the preemption warning to the batch shell
-        job.wait(timeout=180)
-    first = log.read_text()
-    assert (nodes / "requeued").read_text() == "4242\n", first[-6000:]
-    stopped = max(losses(run_dir))
-    assert 1 <= stopped < 6 and ckpt.latest_complete(run_dir).name == ckpt.step_tag(stopped), first[-6000:]
-
-    second = subprocess.run(cmd, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
-                            text=True, timeout=240)
-    assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-6000:]
-    records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]   # every step exactly once
-    assert digests(run_dir) == digests(run_a)                    # the one-node 2-rank run's data ...
-    assert losses(run_dir) == pytest.approx(losses(run_a), rel=1e-6, abs=1e-6)   # ... and losses
-    both = first + second.stdout + second.stderr
-    assert "launch: 2 node(s) x 1 process(es)" in both and "rendezvous 127.0.0.1:" in both, both[-4000:]
-    assert "0: [rank0]:" in both and "1: [rank1]:" in both, both[-4000:]    # global ranks on node ids 0, 1
-    for node in (0, 1):                                          # each node filled its own cache
-        assert list((nodes / f"node{node}" / "tmp" / "aki-stream-cache").rglob("shard.*.mds")), node
-
-
-def test_a_storage_blip_is_ridden_out_an_outage_ends_the_run_and_resume_auto_finishes_it_exactly(
-        run_a, world, s3_server, bucket):
-    """B's recipe through tests/s3_server.Relay: the endpoint cuts and resets connections for a blip after
-    step 1 (the downloads retried: the run goes on), then refuses them for good after step 3 (past the
-    3 attempts of ``data.download_retry``: the ranks exit non-zero with one line naming the endpoint).
-    ``--resume auto`` with the storage back finishes the run with A's losses and data, every step once."""
-    import os
-
-    from dist_utils import free_port
-    from s3_server import Relay
-
-    relay, out = Relay(s3_server.endpoint), world["root"] / "outage"
-    args = remote_args(world, bucket) + ["--set", f"data.cache_dir={world['root'] / 'outage-cache'}",
-                                         "--set", "data.predownload=2", "--set", "data.download_retry=3",
-                                         "--set", "data.download_timeout=5", "--set", "train.step_timeout=120",
-                                         "--output-dir", str(out)]
-    env = {**os.environ, **s3_server.env(), "S3_ENDPOINT_URL": relay.endpoint, "AWS_MAX_ATTEMPTS": "1",
-           "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "pipeline.train"] + args
-
-    def wait_for(condition, proc) -> None:          # a guard against a hang, not a timed assertion
-        deadline = time.monotonic() + 600
-        while not condition():
-            assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-30000:]
-            time.sleep(0.1)
-
-    log_file = world["root"] / "outage.log"         # a file: a pipe read only at the end would fill and block
-    with open(log_file, "w") as console:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=console, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: _steps_logged(out) >= 1, proc)
-        relay.down("reset")                          # the blip: open connections cut, new ones reset ...
-        wait_for(lambda: relay.resets >= 1, proc)    # ... until one attempt was refused that way (an attempt
-        relay.up()                                   # on a cut connection may have failed too: 2 of 3 at most)
-        wait_for(lambda: _steps_logged(out) >= 3, proc)
-        relay.down("refuse")                         # the outage: never back during this launch
-        proc.wait(timeout=600)
-    finally:
-        proc.kill()
-    log = log_file.read_text()
-    assert proc.returncode != 0, log[-8000:]
-    errors = [line for line in log.splitlines() if "error: [rank" in line]
-    assert errors and all(f"object storage at {relay.endpoint} failed 3 attempt(s)" in line for line in errors), \
-        log[-8000:]
-    assert "Background thread failed" not in log and "exception calling callback" not in log, log[-8000:]
-    stopped = max(losses(out))
-    assert 3 <= stopped < 6 and relay.resets >= 1
-
-    relay.up()
-    _, second = train(world, "outage", args[:-2] + ["--resume", "auto"],
-                      env={**s3_server.env(), "S3_ENDPOINT_URL": relay.endpoint, "WANDB_MODE": "disabled"})
-    relay.close()
-    assert second.returncode == 0, show(second)
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
-    assert digests(out) == digests(run_a)
-    assert losses(out) == pytest.approx(losses(run_a), rel=1e-6, abs=1e-6)

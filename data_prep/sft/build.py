@@ -12,7 +12,16 @@ the source's ``files``; relative paths are relative to the sources file)::
       splits: scienceqa/pid_splits.json
       images: scienceqa/images
 
-A finished source folder (done marker) is skipped on a re-run unless ``overwrite`` is set. The output may
+With ``--holdout SPEC`` (a count per source or a fraction, :mod:`data_prep.holdout`) the records chosen by
+the hash of their record id are written to their own MDS dataset instead of the training one (a count
+takes the N smallest hashes among the records that yield a sample: the source is parsed twice)::
+
+    OUT/vqav2/                 training samples; manifest.json "heldout": {"path": "../heldout/vqav2", ...}
+    OUT/heldout/vqav2/         the held-out samples (index.json, shards, manifest.json, done marker)
+    OUT/mixture.yaml           streams: [...] and heldout: [{name, local: heldout/vqav2, samples}, ...]
+
+A finished source folder (done marker) is skipped on a re-run unless ``overwrite`` is set (a folder built
+with another ``--holdout`` is refused, like other settings). The output may
 be ``s3://bucket/prefix``: each source is written to a local staging folder and uploaded by MDS as it
 goes; ``mixture.yaml`` is uploaded beside the sources last.
 
@@ -35,12 +44,14 @@ import functools
 import multiprocessing
 import os
 import sys
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 import yaml
 from tqdm import tqdm
 
+from data_prep.holdout import HELDOUT_DIR, Holdout, expected_entry, manifest_entry, parse_holdout, smallest
 from data_prep.mixture import MIXTURE_FILE, resolve_ratios, write_mixture
+from data_prep.records import Parsed, Sample
 from data_prep.sft import SftOptions, get_sft_source
 from data_prep.writer import (SHARD_SIZE_LIMIT, START_METHOD, DatasetWriter, EncodeSettings, cached_converter,
                               check_reusable, convert_item, fetch_folder_file, is_done)
@@ -69,22 +80,57 @@ def read_sources_file(path: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def routed_items(name: str, paths: Mapping[str, str], options: SftOptions,
+                 holdout: Holdout | None) -> Iterator[tuple[bool, Parsed]]:
+    """``(held out?, sample or skip)`` for every item of source ``name``, in file order; a record's items
+    all go to the same side (:mod:`data_prep.holdout`)."""
+    source = get_sft_source(name)
+    chosen = None
+    if holdout is not None and holdout.is_count:        # first pass: the ids of records that yield a sample
+        chosen = smallest(name, (rid for rid, items in source.parse_records(dict(paths), options)
+                                 if any(isinstance(item, Sample) for item in items)), holdout.value)
+    for rid, items in source.parse_records(dict(paths), options):
+        held = holdout is not None and (rid in chosen if chosen is not None else holdout.holds_out(name, rid))
+        for item in items:
+            yield held, item
+
+
+def _convert_routed(settings: EncodeSettings, name: str, routed: tuple[bool, Parsed]) -> tuple[bool, Any]:
+    held, item = routed
+    return held, convert_item(settings, name, item)
+
+
 def build_source(name: str, paths: Mapping[str, str], out_dir: str, settings: EncodeSettings,
                  options: SftOptions = SftOptions(), workers: int = 1,
-                 size_limit: str | int = SHARD_SIZE_LIMIT, remote_dir: str | None = None) -> Manifest:
-    """Parse one source and write ``out_dir/<name>`` (MDS + manifest), uploaded to ``remote_dir/<name>``."""
+                 size_limit: str | int = SHARD_SIZE_LIMIT, remote_dir: str | None = None,
+                 holdout: Holdout | None = None) -> Manifest:
+    """Parse one source and write ``out_dir/<name>`` (MDS + manifest), uploaded to ``remote_dir/<name>``;
+    with ``holdout`` its held-out records go to ``out_dir/heldout/<name>`` (and ``remote_dir/heldout/<name>``)."""
     source = get_sft_source(name)
     converter = cached_converter(settings)
     manifest = converter.new_manifest(name, source.license, options=dataclasses.asdict(options))
-    items = source.parse(dict(paths), options)
-    convert = functools.partial(convert_item, settings, name)
+    items = routed_items(name, paths, options, holdout)
+    convert = functools.partial(_convert_routed, settings, name)
     pool = multiprocessing.get_context(START_METHOD).Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(convert, items, chunksize=64) if pool else map(convert, items)
-        with DatasetWriter(os.path.join(out_dir, name), manifest, size_limit,
-                           storage.join(remote_dir, name) if remote_dir else None) as writer:
-            for result in tqdm(results, desc=name, unit="sample"):
+        writer = DatasetWriter(os.path.join(out_dir, name), manifest, size_limit,
+                               storage.join(remote_dir, name) if remote_dir else None)
+        held_writer, held_ids = None, []
+        if holdout is not None:
+            held_manifest = converter.new_manifest(name, source.license, options=dataclasses.asdict(options),
+                                                   holdout=holdout.value)
+            held_writer = DatasetWriter(os.path.join(out_dir, HELDOUT_DIR, name), held_manifest, size_limit,
+                                        storage.join(remote_dir, HELDOUT_DIR, name) if remote_dir else None)
+        for held, result in tqdm(results, desc=name, unit="sample"):
+            if not held:
                 writer.add(result)
+            elif held_writer.add(result):
+                held_ids.append(result["id"])
+        if held_writer is not None:         # the held-out folder is finished before the training one
+            manifest.heldout = manifest_entry(f"../{HELDOUT_DIR}/{name}", held_writer.finish().samples, holdout,
+                                              held_ids)
+        writer.finish()
     finally:
         if pool:
             pool.terminate()
@@ -101,32 +147,39 @@ class SourceFailed(RuntimeError):
 
 
 def summary_line(name: str, manifest: Manifest | None, failure: str = "") -> str:
-    """``name: N samples, T tokens; skipped K (reason n, …)``, or why the source failed."""
+    """``name: N samples, T tokens; skipped K (reason n, …)[; held out H]``, or why the source failed."""
     if manifest is None:
         return f"{name}: FAILED — {failure}"
     total = sum(manifest.skipped.values())
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skipped.items()))
     return (f"{name}: {manifest.samples} samples, {manifest.tokens} tokens; skipped {total}"
-            + (f" ({reasons})" if reasons else ""))
+            + (f" ({reasons})" if reasons else "")
+            + (f"; held out {manifest.heldout['samples']}" if manifest.heldout else ""))
 
 
 def _build_or_reuse(name: str, paths: Mapping[str, str], local_dir: str, remote_dir: str | None,
-                    settings: EncodeSettings, options: SftOptions, workers: int, overwrite: bool) -> Manifest:
+                    settings: EncodeSettings, options: SftOptions, workers: int, overwrite: bool,
+                    holdout: Holdout | None = None) -> Manifest:
     """The manifest of source ``name``: built (and uploaded to ``remote_dir``), or reused when finished."""
     folder = storage.join(remote_dir or local_dir, name)
     if is_done(folder) and not overwrite:
         part_staging = os.path.join(local_dir, name)
-        check_reusable(folder, cached_converter(settings).new_manifest(name, "", options=dataclasses.asdict(options)),
-                       part_staging)
+        expected = cached_converter(settings).new_manifest(name, "", options=dataclasses.asdict(options))
+        expected.heldout = expected_entry(holdout)
+        check_reusable(folder, expected, part_staging)
         print(f"{name}: already built in {folder}; skipping (pass --overwrite to rebuild)")
         return read_manifest(fetch_folder_file(folder, MANIFEST_NAME, part_staging))
-    return build_source(name, paths, local_dir, settings, options, workers, remote_dir=remote_dir)
+    return build_source(name, paths, local_dir, settings, options, workers, remote_dir=remote_dir, holdout=holdout)
 
 
 def build_sft_mixture(sources: Mapping[str, Mapping[str, str]], out_dir: str, settings: EncodeSettings,
                       options: SftOptions = SftOptions(), ratios: Mapping[str, float] = {},
-                      workers: int = 1, overwrite: bool = False, staging: str | None = None) -> str:
+                      workers: int = 1, overwrite: bool = False, staging: str | None = None,
+                      holdout: Holdout | str | float | None = None) -> str:
     """Build every source in ``sources`` (skipping finished ones) and write ``mixture.yaml``.
+
+    ``holdout`` (a count per source or a fraction, :func:`data_prep.holdout.parse_holdout`) also writes
+    each source's held-out records to ``heldout/<source>`` and lists them under ``heldout:`` in the mixture.
 
     ``out_dir`` may be an ``s3://`` URL; ``staging`` is then the local folder written before the upload
     (default: :func:`pipeline.data.remote.staging_folder`). Returns where ``mixture.yaml`` was written.
@@ -136,6 +189,7 @@ def build_sft_mixture(sources: Mapping[str, Mapping[str, str]], out_dir: str, se
     if not sources:
         raise ValueError("no SFT sources given; list them in the sources file (see data_prep/sft/build.py)")
     resolved = resolve_ratios(list(sources), ratios)      # fail on bad ratios before hours of work
+    holdout = None if holdout is None else parse_holdout(holdout)
     remote_dir = out_dir if storage.is_remote(out_dir) else None
     if remote_dir:
         storage.check_bucket(remote_dir)
@@ -145,15 +199,17 @@ def build_sft_mixture(sources: Mapping[str, Mapping[str, str]], out_dir: str, se
     failures: dict[str, str] = {}
     for name, paths in sources.items():
         try:
-            manifest = _build_or_reuse(name, paths, local_dir, remote_dir, settings, options, workers, overwrite)
+            manifest = _build_or_reuse(name, paths, local_dir, remote_dir, settings, options, workers, overwrite,
+                                       holdout)
         except Exception as err:  # noqa: BLE001  (a whole-source problem; the other sources go on)
             files = ", ".join(f"{k}={v}" for k, v in paths.items())
             failures[name] = f"{type(err).__name__}: {err} (files: {files})"
             print(f"{name}: cannot be built: {failures[name]}", file=sys.stderr)
             continue
         if manifest.samples == 0:
-            failures[name] = (f"no samples written (split {options.split!r}; skipped: {manifest.skipped or 'none'}); "
-                              f"check the files and --split")
+            held = f"; held out: {manifest.heldout['samples']}" if manifest.heldout else ""
+            failures[name] = (f"no samples written (split {options.split!r}; skipped: {manifest.skipped or 'none'}"
+                              f"{held}); check the files, --split and --holdout")
         manifests[name] = manifest
         print(summary_line(name, manifest))
     print("summary:")
@@ -161,7 +217,8 @@ def build_sft_mixture(sources: Mapping[str, Mapping[str, str]], out_dir: str, se
         print("  " + summary_line(name, None if name in failures else manifests[name], failures.get(name, "")))
     if failures:
         raise SourceFailed(failures)
-    path = write_mixture(local_dir, resolved, {n: m.samples for n, m in manifests.items()})
+    path = write_mixture(local_dir, resolved, {n: m.samples for n, m in manifests.items()},
+                         {n: m.heldout["samples"] for n, m in manifests.items() if m.heldout})
     if remote_dir:
         path = storage.join(remote_dir, MIXTURE_FILE)
         storage.upload(os.path.join(local_dir, MIXTURE_FILE), path)
@@ -172,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line of ``data_prep/build_sft_mixture.py``."""
     import argparse
 
+    from data_prep.holdout import add_holdout_arg
     from data_prep.mixture import parse_ratio_overrides, read_ratio_yaml
     from data_prep.writer import add_encode_args, add_output_args, settings_from_args
 
@@ -190,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train", help="split kept from files that mix splits")
     parser.add_argument("--overwrite", action="store_true", help="rebuild sources that are already finished")
+    add_holdout_arg(parser)
     add_encode_args(parser, default_max_text_tokens=512)
     args = parser.parse_args(argv)
     try:
@@ -212,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                      "holds one turn per sample; drop the flag or pass --text-layout phi3_chat")
     try:
         path = build_sft_mixture(sources, args.out, settings, options, ratios, args.workers, args.overwrite,
-                                 args.staging)
+                                 args.staging, args.holdout)
     except storage.RemoteError as err:          # bucket missing, credentials wrong: no traceback
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -73,14 +73,20 @@ class SftSource:
 
     def parse(self, paths: Paths, options: SftOptions = SftOptions()) -> Iterator[Parsed]:
         """Every sample (or skip) of the source, in file order."""
+        for _, items in self.parse_records(paths, options):
+            yield from items
+
+    def parse_records(self, paths: Paths,
+                      options: SftOptions = SftOptions()) -> Iterator[tuple[str, list[Parsed]]]:
+        """``(record id, its samples or its skip)`` for every record of the source, in file order."""
         self.check_paths(paths)
         for record_id, raw in self.records(paths):
             try:
-                yield from list(self.samples(record_id, raw, paths, options))
+                yield record_id, list(self.samples(record_id, raw, paths, options))
             except RecordError as err:
-                yield Skip(err.reason, record_id, str(err))
+                yield record_id, [Skip(err.reason, record_id, str(err))]
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-                yield Skip(MALFORMED_RECORD, record_id, f"{type(err).__name__}: {err}")
+                yield record_id, [Skip(MALFORMED_RECORD, record_id, f"{type(err).__name__}: {err}")]
 
 
 def load_json(path: str, what: str) -> Any:

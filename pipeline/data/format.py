@@ -13,12 +13,24 @@ Data prep writes, and training reads, exactly these columns::
 Next to the MDS ``index.json`` each dataset folder holds ``manifest.json`` (see :class:`Manifest`):
 N, image size, tokenizer fingerprint, counts, and the samples skipped by reason. Training refuses data
 whose N or tokenizer fingerprint does not match the model (:func:`check_manifest`).
+
+A dataset built with ``--holdout`` (:mod:`data_prep.holdout`) has a held-out twin, an MDS dataset of the
+same format, and its manifest says where (absent without ``--holdout``)::
+
+    "heldout": {"path": "../heldout/vqav2",   # relative to this dataset's folder (or URL)
+                "samples": 1000,               # samples in the held-out dataset
+                "spec": 1000,                  # the --holdout value: a count (int) or a fraction (float)
+                "ids": ["262148000", ...]}     # the ``id`` of every held-out sample, in written order
+
+:func:`heldout_path` resolves ``path`` against a local folder or an ``s3://`` URL.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import posixpath
+import urllib.parse
 from collections import Counter
 from typing import Any
 
@@ -78,6 +90,8 @@ class Manifest:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     license: str = ""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    heldout: dict[str, Any] | None = None
+    """Where this dataset's held-out samples are (``path``, ``samples``, ``spec``, ``ids``); None without."""
 
     def skip(self, reason: str, n: int = 1) -> None:
         """Count a record dropped for ``reason``."""
@@ -92,8 +106,11 @@ class Manifest:
     def write(self, folder: str | os.PathLike) -> str:
         path = os.path.join(folder, MANIFEST_NAME)
         tmp = path + ".tmp"
+        data = dataclasses.asdict(self)
+        if data["heldout"] is None:         # datasets built without --holdout keep their old manifest
+            del data["heldout"]
         with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
         return path
 
@@ -108,6 +125,19 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         data = json.load(f)
     known = {f.name for f in dataclasses.fields(Manifest)}
     return Manifest(**{k: v for k, v in data.items() if k in known})
+
+
+def heldout_path(dataset_location: str, manifest: Manifest) -> str | None:
+    """The held-out twin of the dataset at ``dataset_location`` (a folder or an ``s3://`` URL), resolved
+    like the location (``..`` normalised); None when the dataset was built without ``--holdout``."""
+    if not manifest.heldout:
+        return None
+    relative = str(manifest.heldout["path"])
+    parsed = urllib.parse.urlparse(str(dataset_location))
+    if not parsed.scheme:
+        return os.path.normpath(os.path.join(str(dataset_location), relative))
+    path = posixpath.normpath(posixpath.join("/" + parsed.path.strip("/"), relative))
+    return f"{parsed.scheme}://{parsed.netloc}{path.rstrip('/')}"
 
 
 def check_manifest(manifest: Manifest, folder: str, num_visual_tokens: int, fingerprint: str,

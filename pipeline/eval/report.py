@@ -1,8 +1,8 @@
 """Summaries of finished runs: the results table, ``report.md`` and the loss-curve PNG.
 
 Inputs are what the CLIs leave on disk: each training run's ``metrics.jsonl`` (one record per step,
-events mixed in) and each evaluation's ``scores.json`` / ``predictions.jsonl``
-(:mod:`pipeline.eval.cv_bench`).
+events mixed in, the evaluations while training among them) and each evaluation's ``scores.json`` /
+``predictions.jsonl`` (:mod:`pipeline.eval.cv_bench`).
 """
 from __future__ import annotations
 
@@ -24,6 +24,60 @@ def read_loss_curve(metrics_path: str) -> tuple[list[int], list[float]]:
             steps.append(int(rec["step"]))
             losses.append(float(rec["loss"]))
     return steps, losses
+
+
+def read_eval_curves(metrics_path: str) -> dict[str, tuple[list[int], list[float]]]:
+    """``{metric: (steps, values)}`` of the ``eval`` events in a ``metrics.jsonl`` (pipeline.train_eval):
+    ``heldout/<source>``, ``heldout/overall`` and the benchmark's scores."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    if not os.path.exists(metrics_path):
+        return curves
+    with open(metrics_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("event") != "eval":
+                continue
+            for key, value in rec.items():
+                if "/" in key and isinstance(value, (int, float)):
+                    steps, values = curves.setdefault(key, ([], []))
+                    steps.append(int(rec["step"]))
+                    values.append(float(value))
+    return curves
+
+
+def plot_eval_curves(runs: Mapping[str, Mapping[str, tuple[list[int], list[float]]]], path: str,
+                     benchmark: str = "cv_bench/overall", chance: float | None = None) -> str:
+    """Evaluation while training, one panel each: the held-out loss per source of every run (one colour per
+    source, one line style per run) and the benchmark's accuracy of every run against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = ["-", "--", ":", "-."]
+    sources = sorted({k.split("/", 1)[1] for curves in runs.values() for k in curves
+                      if k.startswith("heldout/") and k != "heldout/overall"})
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sources)}
+    fig, (loss_ax, bench_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for style, (run, curves) in zip(styles * 4, runs.items()):
+        for source in sources:
+            if f"heldout/{source}" in curves:
+                loss_ax.plot(*curves[f"heldout/{source}"], style, color=colours[source],
+                             label=f"{source} ({run})")
+        if benchmark in curves:
+            steps, values = curves[benchmark]
+            bench_ax.plot(steps, [100 * v for v in values], style, marker="o", label=run)
+    if chance is not None:
+        bench_ax.axhline(100 * chance, color="grey", lw=1, label="chance")
+    loss_ax.set(title="held-out loss per source", xlabel="optimizer step", ylabel="loss (mean over target tokens)")
+    bench_ax.set(title=f"{benchmark} while training", xlabel="optimizer step", ylabel=f"{benchmark} (%)")
+    for ax in (loss_ax, bench_ax):
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7, ncol=2 if ax is loss_ax else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def chance_accuracy(predictions: Sequence[Mapping], choices_per_key: Mapping[str, int]) -> float:
@@ -95,4 +149,5 @@ def write_report(path: str, title: str, table: str, timings: Mapping[str, float]
     return path
 
 
-__all__ = ["chance_accuracy", "plot_loss_curves", "read_loss_curve", "results_table", "write_report"]
+__all__ = ["chance_accuracy", "plot_eval_curves", "plot_loss_curves", "read_eval_curves", "read_loss_curve",
+           "results_table", "write_report"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Mapping, Sequence
@@ -96,20 +97,29 @@ def load_model(folder: str, device: str, attn_implementation: str = "sdpa"):
 
 
 def generate_all(model, tokenizer, requests: Sequence[Request], ctx: DistContext, batch_size: int = 8,
-                 max_new_tokens: int = 16, desc: str = "generate") -> dict[str, str]:
-    """Answer text for every request key (complete on rank 0)."""
+                 max_new_tokens: int = 16, desc: str = "generate", synced: bool = False,
+                 progress: bool = True) -> dict[str, str]:
+    """Answer text for every request key (complete on rank 0).
+
+    ``synced`` (a model whose parameters are partitioned over the ranks, ZeRO-3): every rank runs the same
+    number of batches (a rank out of questions repeats its first one and drops the answer) and decodes until
+    every rank is done.
+    """
     from pipeline.generate import generate
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     mine = shard(requests, ctx)
+    rounds = math.ceil(math.ceil(len(requests) / ctx.world_size) / batch_size) if synced else \
+        math.ceil(len(mine) / batch_size)
     out: dict[str, str] = {}
     bar = tqdm(total=len(mine), desc=f"{desc} [rank {ctx.rank}/{ctx.world_size}]",
-               disable=not ctx.is_main and ctx.world_size > 1, unit="q")
-    for start in range(0, len(mine), batch_size):
+               disable=not progress or (not ctx.is_main and ctx.world_size > 1), unit="q")
+    for start in range(0, rounds * batch_size, batch_size):
         batch = mine[start:start + batch_size]
-        texts = generate(model, tokenizer, [r.prompt for r in batch], [r.images for r in batch],
-                         max_new_tokens=max_new_tokens)
+        filler = batch or requests[:1]          # synced: this rank has no question left this round
+        texts = generate(model, tokenizer, [r.prompt for r in filler], [r.images for r in filler],
+                         max_new_tokens=max_new_tokens, synced=synced)
         out.update({r.key: t for r, t in zip(batch, texts)})
         bar.update(len(batch))
     bar.close()
@@ -131,11 +141,13 @@ class Benchmark:
 
 
 def evaluate(benchmark: Benchmark, model, tokenizer, items: Sequence[Any], ctx: DistContext = DistContext(),
-             batch_size: int = 8, max_new_tokens: int = 8) -> tuple[list[dict], dict] | None:
-    """Generate and score; returns (records, scores) on rank 0, None elsewhere."""
+             batch_size: int = 8, max_new_tokens: int = 8, synced: bool = False,
+             progress: bool = True) -> tuple[list[dict], dict] | None:
+    """Generate and score; returns (records, scores) on rank 0, None elsewhere (``synced``, ``progress``:
+    as :func:`generate_all`)."""
     requests = [Request(i.key, benchmark.prompt(i), [i.load_image()]) for i in items]
-    outputs = generate_all(model, tokenizer, requests, ctx, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, desc=benchmark.name)
+    outputs = generate_all(model, tokenizer, requests, ctx, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           desc=benchmark.name, synced=synced, progress=progress)
     return benchmark.score_outputs(items, outputs) if ctx.is_main else None
 
 
