@@ -1,9 +1,9 @@
 """Evaluation while training (pipeline.train_eval): held-out loss per source and CV-Bench on the training engine.
 
-Runs (2 ranks, ZeRO-3, the tiny PT recipe, 6 steps; shared by the tests of this module):
+Runs (2 ranks, ZeRO-3, the tiny PT recipe of tests/test_train.py, 6 steps):
 
-* P — no evaluation (the reference training);
-* E — the same with ``eval`` every 2 steps: held-out loss of two held-out datasets and 5 CV-Bench questions;
+* A — tests/test_train.py's run A, without evaluation (built once for the whole test run): the reference;
+* E — A's recipe with ``eval`` every 2 steps: held-out loss of two held-out datasets and 5 CV-Bench questions;
 * R — E's recipe, SIGTERM during step 2 (the ranks agree on it in step 3: checkpoint 3, exit 0), then
   ``--resume auto``.
 
@@ -24,59 +24,46 @@ from pipeline import checkpoint as ckpt
 from pipeline.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_utils import show, torchrun, write_dataset  # noqa: E402
+from dist_utils import show, write_dataset  # noqa: E402
 from test_eval_readers import write_cv_bench  # noqa: E402
+from test_train import PT, launch, run_a, world  # noqa: E402,F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_tokenizer_path):
-    from pipeline.model.tokenizer import load_tokenizer
-
+def setup(world, tmp_path_factory):
+    """Held-out datasets (other captions than A's training data), a CV-Bench folder, E's command line."""
     root = tmp_path_factory.mktemp("train_eval")
-    tok = load_tokenizer(tiny_tokenizer_path)
-    train = write_dataset(root / "pt", tok, "pt", 64, shard_size=1 << 11)
-    squares = write_dataset(root / "heldout_squares", tok, "pt", 11, caption="one {color} square")
-    colours = write_dataset(root / "heldout_colours", tok, "pt", 6, caption="{color}")
+    squares = write_dataset(root / "heldout_squares", world["tok"], "pt", 11, caption="one {color} square")
+    colours = write_dataset(root / "heldout_colours", world["tok"], "pt", 6, caption="{color}")
     cvb = write_cv_bench(str(root / "cvb"))
-    base = ["--config", "tiny_pt", "--set", f"model.tokenizer={tiny_tokenizer_path}",
-            "--set", f"data.datasets=[{{path: {train}}}]", "--set", f"train.total_steps={STEPS}",
-            "--set", "train.save_every=2", "--set", "train.keep_last=1", "--set", "train.log_every=1"]
     evaluation = (f"eval={{every: 2, max_samples: 9, micro_batch: 2, best: heldout/overall, "
                   f"datasets: [{{path: {squares}, name: squares}}, {{path: {colours}, name: colours}}], "
                   f"benchmark: {{task: cv_bench, data: {cvb}, limit: 5, batch_size: 1, max_new_tokens: 4}}}}")
-    return {"root": root, "tok": tok, "base": base, "eval": ["--set", evaluation], "cvb": cvb,
+    args = PT + world["pt"] + ["--set", "train.keep_last=1", "--set", evaluation]
+    return {"root": root, "tok": world["tok"], "args": args, "cvb": cvb,
             "heldout": {"squares": squares, "colours": colours}}
 
 
-def launch(world, name: str, args: list[str], env=None, probe: bool = False):
-    out = world["root"] / name
-    full = args + ["--output-dir", str(out)]
-    if probe:
-        proc = torchrun(["tests/dist_utils.py", "probe", str(out / "probe"), "--"] + full, 2, env, module=False)
-    else:
-        proc = torchrun(["pipeline.train"] + full, 2, env)
+def run(setup, name: str, args: list[str], env=None, probe: bool = False):
+    out = setup["root"] / name
+    proc = launch(out, args, probe=probe, env=env)
     assert proc.returncode == 0, show(proc)
     return out, proc
 
 
 @pytest.fixture(scope="module")
-def run_p(world):
-    return launch(world, "P", world["base"])[0]
+def run_e(setup):
+    return run(setup, "E", setup["args"])
 
 
 @pytest.fixture(scope="module")
-def run_e(world):
-    return launch(world, "E", world["base"] + world["eval"])
-
-
-@pytest.fixture(scope="module")
-def run_r(world):
-    out, _ = launch(world, "R", world["base"] + world["eval"], env={"AKI_TEST_SIGTERM_STEP": "2"}, probe=True)
+def run_r(setup):
+    out, _ = run(setup, "R", setup["args"], env={"AKI_TEST_SIGTERM_STEP": "2"}, probe=True)
     stopped = [s for s, _ in ckpt.list_checkpoints(out)]
-    launch(world, "R", world["base"] + world["eval"] + ["--resume", "auto"])
+    run(setup, "R", setup["args"] + ["--resume", "auto"])
     return out, stopped
 
 
@@ -126,8 +113,8 @@ def test_the_best_checkpoint_is_recorded_and_never_pruned(run_e):
 # ---- it does not change training -----------------------------------------------------------------
 
 
-def test_evaluating_changes_no_training_loss_and_no_batch(run_p, run_e):
-    plain, evaluated = read_metrics(run_p), read_metrics(run_e[0])
+def test_evaluating_changes_no_training_loss_and_no_batch(run_a, run_e):
+    plain, evaluated = read_metrics(run_a), read_metrics(run_e[0])
     assert [r["loss"] for r in evaluated] == [r["loss"] for r in plain]
     assert [r["data_digest"] for r in evaluated] == [r["data_digest"] for r in plain]
     assert [r["grad_norm"] for r in evaluated] == [r["grad_norm"] for r in plain]
@@ -156,7 +143,7 @@ class PlainEngine:
         return self.module(**inputs)
 
 
-def evaluate_export(world, out: Path, overrides: list[str]):
+def evaluate_export(setup, out: Path, overrides: list[str]):
     """E's step-6 export evaluated in this process by the evaluator of E's recipe with ``overrides``."""
     from pipeline.config import load_config
     from pipeline.model.aki import AKIModel
@@ -164,7 +151,7 @@ def evaluate_export(world, out: Path, overrides: list[str]):
 
     model = AKIModel.from_pretrained(str(out / "export")).eval()
     config = load_config(str(out / "recipe.yaml"), ["eval.benchmark=null", "eval.best=null", *overrides])
-    evaluator = TrainingEvaluator(config, world["tok"], model.image_processor, rank=0, world=1,
+    evaluator = TrainingEvaluator(config, setup["tok"], model.image_processor, rank=0, world=1,
                                   device=torch.device("cpu"))
     with torch.no_grad():
         record = evaluator.run(PlainEngine(model), STEPS, lambda batch: {
@@ -172,7 +159,7 @@ def evaluate_export(world, out: Path, overrides: list[str]):
     return record, model
 
 
-def test_heldout_loss_equals_a_hand_computation_from_the_logits(world, run_e):
+def test_heldout_loss_equals_a_hand_computation_from_the_logits(setup, run_e):
     """The step-6 export, 1 process: the evaluator's loss = -mean log p(target) over every target token of
     the first 9 / 6 samples, computed here in float64 from the full fp32 logits, one sample at a time
     (measured: at most 9.7e-8 relative apart, the evaluator's cross-entropy being taken in fp32)."""
@@ -181,10 +168,10 @@ def test_heldout_loss_equals_a_hand_computation_from_the_logits(world, run_e):
     from pipeline.data.format import image_lengths, split_images
     from pipeline.tokens import TEXT_TARGET
 
-    record, model = evaluate_export(world, run_e[0], ["eval.max_samples=9", "eval.micro_batch=4"])
+    record, model = evaluate_export(setup, run_e[0], ["eval.max_samples=9", "eval.micro_batch=4"])
     totals = {}
     with torch.no_grad():
-        for name, folder in world["heldout"].items():
+        for name, folder in setup["heldout"].items():
             dataset = LocalDataset(local=folder)
             nll, count = 0.0, 0
             for i in range(min(9, len(dataset))):
@@ -204,25 +191,25 @@ def test_heldout_loss_equals_a_hand_computation_from_the_logits(world, run_e):
     assert record["heldout/overall"] == pytest.approx(overall, rel=1e-6)
 
 
-def test_two_rank_zero3_figures_equal_one_process_figures(world, run_e):
+def test_two_rank_zero3_figures_equal_one_process_figures(setup, run_e):
     """E's step-6 evaluation (2 ranks, ZeRO-3, 2 samples per forward) against the step-6 export evaluated
     in one process with 3 samples per forward: the same token means up to fp32 rounding in other batch shapes
     (measured: at most 3.3e-8 relative; fp32's epsilon is 1.2e-7)."""
-    mine, _ = evaluate_export(world, run_e[0], ["eval.max_samples=9", "eval.micro_batch=3"])
+    mine, _ = evaluate_export(setup, run_e[0], ["eval.max_samples=9", "eval.micro_batch=3"])
     theirs = evals(run_e[0])[-1]
     for key in ("heldout/squares", "heldout/colours", "heldout/overall"):
         assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
     assert mine["heldout_targets"] == theirs["heldout_targets"]
 
 
-def test_in_training_cv_bench_equals_the_benchmark_command_on_the_export(world, run_e, tmp_path):
+def test_in_training_cv_bench_equals_the_benchmark_command_on_the_export(setup, run_e, tmp_path):
     from pipeline.eval import cv_bench
 
     out, _ = run_e
     threads = torch.get_num_threads()
     torch.set_num_threads(1)         # the training ranks' thread count: the same sums, the same argmax
     try:
-        assert cv_bench.main(["--model", str(out / "export"), "--data", world["cvb"], "--out", str(tmp_path),
+        assert cv_bench.main(["--model", str(out / "export"), "--data", setup["cvb"], "--out", str(tmp_path),
                               "--batch-size", "1", "--max-new-tokens", "4", "--limit", "5", "--device", "cpu"]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -248,15 +235,15 @@ def test_in_training_cv_bench_equals_the_benchmark_command_on_the_export(world, 
     ("eval.datasets=[{path: SQUARES}]", "heldout/nosuch"),
     ("eval.datasets=null", "nothing to evaluate"),
 ])
-def test_a_bad_eval_section_is_one_clear_error_before_training(world, tmp_path, capsys, setting, message):
+def test_a_bad_eval_section_is_one_clear_error_before_training(world, setup, tmp_path, capsys, setting, message):
     from pipeline.train import main
 
-    setting = (setting.replace("TRAIN", str(world["root"] / "pt"))
-               .replace("SQUARES", world["heldout"]["squares"]))
+    setting = (setting.replace("TRAIN", world["folders"]["pt"])
+               .replace("SQUARES", setup["heldout"]["squares"]))
     base = ["--set", "eval={every: 3, max_samples: 4}"]
     if "SQUARES" in message or "nosuch" in message:
         base += ["--set", "train.save_every=3", "--set", "eval.best=heldout/nosuch"]
-    code = main(world["base"] + base + ["--set", setting, "--output-dir", str(tmp_path / "run")])
+    code = main(PT + world["pt"] + base + ["--set", setting, "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not (tmp_path / "run").exists()
@@ -310,17 +297,17 @@ def test_pruning_keeps_the_protected_best_checkpoint(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8]
 
 
-def test_a_heldout_set_in_object_storage_gives_the_local_figures(world, run_e, s3_env, tmp_path):
+def test_a_heldout_set_in_object_storage_gives_the_local_figures(setup, run_e, s3_env, tmp_path):
     """The squares held-out set uploaded to the suite's S3 server, named by URL in ``eval.datasets``: streamed
     into a cache and evaluated, it gives exactly the figures of the local folder."""
-    folder = Path(world["heldout"]["squares"])
+    folder = Path(setup["heldout"]["squares"])
     client = s3_env.client()
     for path in folder.iterdir():
         client.upload_file(str(path), s3_env.bucket, f"eval/squares/{path.name}")
     figures_of = {}
     for where, source in (("local", f"{{path: {folder}, name: squares}}"),
                           ("s3", f"{{remote: {s3_env.url('eval', 'squares')}, name: squares}}")):
-        figures_of[where], _ = evaluate_export(world, run_e[0], [
+        figures_of[where], _ = evaluate_export(setup, run_e[0], [
             f"eval={{max_samples: 9, micro_batch: 3, datasets: [{source}]}}", f"data.cache_dir={tmp_path / 'cache'}"])
     assert figures_of["s3"]["heldout/squares"] == figures_of["local"]["heldout/squares"]
     assert figures_of["s3"]["heldout_samples"] == {"squares": 9}
