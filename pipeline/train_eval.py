@@ -11,8 +11,9 @@
 
 **Held-out loss.** The held-out datasets are the holdouts that ``data_prep`` wrote beside the run's own
 datasets (``--holdout``; each training dataset's manifest names its held-out folder), or the folders
-listed in ``eval.datasets``. Each evaluation reads the first ``max_samples`` samples of every held-out
-dataset (index order: the same samples every time, on any number of ranks), sample ``i`` on rank
+listed in ``eval.datasets`` (both found and opened by :mod:`pipeline.data.heldout`). Each evaluation
+reads the first ``max_samples`` samples of every held-out dataset (index order: the same samples every
+time, on any number of ranks), sample ``i`` on rank
 ``i mod world``, pads them one per row and runs them through the training engine in eval mode without
 gradients. Per source it sums the cross-entropy and the number of target tokens over ranks and
 micro-batches (one all-reduce) and reports their ratio — the token mean over target tokens, the same
@@ -46,17 +47,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-    from pipeline.data.dataset import StreamSource
 
 HELDOUT = "heldout"
 OVERALL = "overall"
@@ -171,40 +169,7 @@ def metric_direction(metric: str) -> str:
     return "min" if metric.startswith(HELDOUT + "/") else "max"
 
 
-# ---------------------------------------------------------------------------------------- held-out data
-
-
-def heldout_sources(config: Config) -> list[StreamSource]:
-    """The held-out datasets of a run: ``eval.datasets``, or the holdouts named by the manifests of the
-    run's own datasets (every data phase, each folder once). Reads manifests (downloads remote ones)."""
-    from pipeline.config import data_phases, resolve_path
-    from pipeline.data import remote as storage
-    from pipeline.data.dataset import StreamSource, resolve_sources, source_manifest
-    from pipeline.data.format import heldout_path
-
-    cache_dir = config.data.cache_dir
-    if config.eval.datasets is not None:
-        out = []
-        for s in config.eval.datasets:
-            if s.remote is None:
-                folder = str(resolve_path(s.path))
-                out.append(StreamSource(s.name or os.path.basename(os.path.normpath(folder)), folder, 1.0))
-            else:
-                local = str(resolve_path(s.local)) if s.local else storage.cache_folder(s.remote, cache_dir)
-                out.append(StreamSource(s.name or s.remote.rstrip("/").rsplit("/", 1)[-1], local, 1.0, s.remote))
-        return out
-    out, seen = [], set()
-    for phase in data_phases(config.data):
-        for source in resolve_sources(phase, cache_dir):
-            location = heldout_path(source.remote or source.local, source_manifest(source))
-            if location is None or location in seen:
-                continue
-            seen.add(location)
-            if storage.is_remote(location):
-                out.append(StreamSource(source.name, storage.cache_folder(location, cache_dir), 1.0, location))
-            else:
-                out.append(StreamSource(source.name, location, 1.0))
-    return out
+# ---------------------------------------------------------------------------------------- checks
 
 
 def check_eval_access(config: Config) -> None:
@@ -212,6 +177,7 @@ def check_eval_access(config: Config) -> None:
     benchmark's files read. Raises ConfigError naming the problem and the fix."""
     from pipeline.config import data_phases
     from pipeline.data.dataset import resolve_sources, source_manifest
+    from pipeline.data.heldout import heldout_sources
     from pipeline.recipes import ConfigError
 
     e = config.eval
@@ -255,25 +221,6 @@ def check_eval_access(config: Config) -> None:
             raise ConfigError(f"config `eval.benchmark.data` ({e.benchmark.data}) holds no {e.benchmark.task} question")
 
 
-def _open_heldout(source: StreamSource, config: Config, tokenizer: Any, image_processor: Any) -> Any:
-    """A streaming dataset of one held-out folder, read by index (no shuffle, no sharding)."""
-    from pipeline.data.dataset import AKIStreamingDataset, TrainingStream
-    from pipeline.data.registration import one_registration_at_a_time
-    from pipeline.model.sizes import get_model_size
-    from pipeline.model.tokenizer import image_token_id
-
-    size = get_model_size(config.model.size)
-    stream = TrainingStream(name=source.name, on_corrupt=config.data.on_corrupt_shard, remote=source.remote,
-                            local=source.local)
-    with one_registration_at_a_time():
-        return AKIStreamingDataset(
-            image_processor=image_processor, image_size=size.image_size, num_visual_tokens=size.num_visual_tokens,
-            num_token_ids=len(tokenizer), image_token_id=image_token_id(tokenizer),
-            on_corrupt=config.data.on_corrupt_shard, streams=[stream], batch_size=config.eval.micro_batch,
-            shuffle=False, download_retry=config.data.download_retry,
-            download_timeout=config.data.download_timeout)
-
-
 # ---------------------------------------------------------------------------------------- best checkpoint
 
 
@@ -313,25 +260,23 @@ class BestTracker:
 
 
 class RestoredState:
-    """Saves the RNG states and the model's mode on entry and puts them back on exit."""
+    """Saves the RNG states (:func:`pipeline.checkpoint.rng_state`) and the model's mode on entry and puts
+    them back on exit."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
 
     def __enter__(self) -> "RestoredState":
-        self.training = self.module.training
-        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                       torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        from pipeline.checkpoint import rng_state
+
+        self.training, self.rng = self.module.training, rng_state()
         self.module.eval()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        python, numpy, cpu, cuda = self.states
-        random.setstate(python)
-        np.random.set_state(numpy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        from pipeline.checkpoint import set_rng_state
+
+        set_rng_state(self.rng)
         self.module.train(self.training)
 
 
@@ -341,6 +286,7 @@ class TrainingEvaluator:
     def __init__(self, config: Config, tokenizer: Any, image_processor: Any, rank: int, world: int,
                  device: torch.device):
         from pipeline.data.dataset import build_collator
+        from pipeline.data.heldout import heldout_sources
 
         self.config, self.eval = config, config.eval
         self.tokenizer, self.image_processor = tokenizer, image_processor
@@ -398,10 +344,13 @@ class TrainingEvaluator:
         import torch.distributed as dist
 
         if self.datasets is None:
-            self.datasets = {s.name: _open_heldout(s, self.config, self.tokenizer, self.image_processor)
+            from pipeline.data.heldout import open_heldout
+
+            self.datasets = {s.name: open_heldout(s, self.config, self.tokenizer, self.image_processor)
                              for s in self.sources}
         micro = self.eval.micro_batch
-        sums = torch.zeros(len(self.sources), 3, dtype=torch.float64)     # loss sum, target tokens, samples
+        losses = torch.zeros(len(self.sources), dtype=torch.float64, device=self.device)  # read once, at the end
+        counts = torch.zeros(len(self.sources), 2, dtype=torch.float64)                  # target tokens, samples
         skipped = 0
         for k, source in enumerate(self.sources):
             dataset = self.datasets[source.name]
@@ -413,10 +362,11 @@ class TrainingEvaluator:
                 batch = self.collator(samples)       # no samples left: one placeholder row without targets
                 skipped += sum(c for reasons in batch["skipped"].values() for c in reasons.values())
                 out = engine(**prepare(batch), return_logits=False, validate=False)
-                sums[k, 0] += float(out.loss_sum.detach().double().cpu())
-                sums[k, 1] += float(batch["num_target_tokens"])
-                sums[k, 2] += len(batch["sources"])
-        totals = torch.cat([sums.flatten(), torch.tensor([float(skipped)], dtype=torch.float64)]).to(self.device)
+                losses[k] += out.loss_sum.detach().double()
+                counts[k, 0] += float(batch["num_target_tokens"])
+                counts[k, 1] += len(batch["sources"])
+        totals = torch.cat([losses[:, None], counts.to(self.device)], dim=1).flatten()
+        totals = torch.cat([totals, torch.tensor([float(skipped)], dtype=torch.float64, device=self.device)])
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(totals)
         totals = totals.cpu()
@@ -472,4 +422,4 @@ def progress_fields(record: dict[str, Any]) -> dict[str, str]:
 
 
 __all__ = ["BENCHMARKS", "BenchmarkConfig", "BestTracker", "EvalConfig", "EvalSource", "TrainingEvaluator",
-           "check_eval_access", "flatten_scores", "heldout_sources", "metric_direction", "progress_fields"]
+           "check_eval_access", "flatten_scores", "metric_direction", "progress_fields"]

@@ -255,7 +255,7 @@ def test_a_bad_eval_section_is_one_clear_error_before_training(world, setup, tmp
 def test_by_default_the_run_evaluates_the_holdouts_its_datasets_name(world, tmp_path):
     from pipeline.config import load_config
     from pipeline.data.format import read_manifest
-    from pipeline.train_eval import heldout_sources
+    from pipeline.data.heldout import heldout_sources
 
     train = write_dataset(tmp_path / "kale", world["tok"], "pt", 8)
     held = write_dataset(tmp_path / "kale" / "heldout", world["tok"], "pt", 3)

@@ -93,7 +93,7 @@ def resolve_sources(data: DataPhase | DataConfig, cache_dir: str | None = None) 
         if storage.is_remote(path):     # entries are relative to the mixture file: the same in the bucket
             sources = [_beside(s, path, os.path.dirname(local_path), cache_dir) for s in sources]
     elif data.datasets:
-        sources = [_dataset_source(s, cache_dir) for s in data.datasets]
+        sources = [dataset_source(s, cache_dir) for s in data.datasets]
     else:
         raise ConfigError("config has no data: set `data.mixture` or `data.datasets`")
     sources = [s for s in sources if s.proportion > 0]
@@ -102,8 +102,9 @@ def resolve_sources(data: DataPhase | DataConfig, cache_dir: str | None = None) 
     return sources
 
 
-def _dataset_source(s: DatasetSource, cache_dir: str | None) -> StreamSource:
-    """The stream of one ``data.datasets`` entry: a local folder, or a URL and its cache folder."""
+def dataset_source(s: DatasetSource, cache_dir: str | None) -> StreamSource:
+    """The stream of one ``data.datasets`` (or ``eval.datasets``) entry: a local folder, or a URL and its
+    cache folder."""
     if s.remote is None:
         assert s.path is not None
         return StreamSource(s.name or os.path.basename(os.path.normpath(s.path)), str(resolve_path(s.path)),
@@ -360,4 +361,5 @@ def build_dataloader(config: Config, tokenizer: Any, image_processor: ImageProce
 
 
 __all__ = ["AKIDataLoader", "AKIStreamingDataset", "StreamSource", "build_collator", "build_dataloader",
-           "build_dataset", "check_data_access", "check_sources", "resolve_sources", "source_manifest"]
+           "build_dataset", "check_data_access", "check_sources", "dataset_source", "resolve_sources",
+           "source_manifest"]
