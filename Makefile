@@ -1,9 +1,10 @@
 # make test | make quickstart | make lint — each creates .venv when missing.
 PYTHON ?= python3
 # pytest-xdist workers of `make test`, each running whole test modules (their shared fixtures are built once)
-# in the order tests/conftest.py gives (longest first; xdist would otherwise sort by number of tests): two
-# keep both cores of a small machine busy while a single-threaded test or a SLURM job waits.
-TEST_WORKERS ?= 2
+# in the order tests/conftest.py gives (longest first; xdist would otherwise sort by number of tests). Three
+# on a 2-core machine: while one worker's test waits (a SLURM job queued, a storage outage timed out, torchrun
+# starting its ranks), the other two keep both cores busy.
+TEST_WORKERS ?= 3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -59,9 +60,11 @@ browser:
 # The suite runs with its own temporary folder, removed when it passes (kept for a look when it fails):
 # mosaicml-streaming leaves a lock file per dataset in the temporary folder and scans them all each time it
 # registers a dataset (~0.1 s per dataset at 3,000 files), so a shared /tmp would slow every later run.
+# One torch thread per process: the two workers (and the training ranks they start) fill the cores, where
+# torch's default (a thread per core in every process) would have their threads wait for each other.
 test: $(STAMP) browser
-	tmp=$$(mktemp -d -t aki-tests-XXXXXX) && TMPDIR=$$tmp DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) \
-		--dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) && rm -rf $$tmp
+	tmp=$$(mktemp -d -t aki-tests-XXXXXX) && TMPDIR=$$tmp DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q \
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) && rm -rf $$tmp
 	$(MAKE) test-tf5
 
 test-tf5: $(TF5_STAMP)

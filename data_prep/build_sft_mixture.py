@@ -14,4 +14,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_prep.sft.build import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    from pipeline.process import run_command
+
+    run_command(main)

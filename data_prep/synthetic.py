@@ -359,4 +359,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.process import run_command
+
+    run_command(main)

@@ -38,7 +38,7 @@ from transformers import AutoConfig
 
 from pipeline.model.loading import CONFIG_NAME, FORMAT_VERSION, build_from_config, model_config, read_config
 from pipeline.model.sizes import MODEL_SIZES, get_model_size
-from pipeline.model.tensor_files import SINGLE_FILE, TensorSource, write_safetensors
+from pipeline.model.tensor_files import TensorSource, write_safetensors
 from pipeline.model.tokenizer import added_token_layout, load_tokenizer
 
 OFFICIAL_CONFIG = "config.json"
@@ -297,4 +297,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.process import run_command
+
+    run_command(main)

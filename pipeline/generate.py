@@ -217,4 +217,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.process import run_command
+
+    run_command(main)

@@ -391,10 +391,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the world, the tokenizer's texts, the sample order and the initial weights")
     parser.add_argument("--min-margin", type=float, default=0.06,
                         help="fail unless each SFT model's accuracy is at least chance + this")
+    parser.add_argument("--evaluations", type=int, default=Plan.evaluations,
+                        help="evaluations while each training runs (they change no training figure)")
     args = parser.parse_args(argv)
     if args.ranks < 1:
         parser.error(f"--ranks must be at least 1, got {args.ranks}")
-    plan = Plan().scaled(args.steps_scale)
+    if args.evaluations < 1:
+        parser.error(f"--evaluations must be at least 1, got {args.evaluations}")
+    plan = dataclasses.replace(Plan().scaled(args.steps_scale), evaluations=args.evaluations)
     q = Quickstart(Path(args.out).resolve(), plan, args.ranks, args.min_margin, args.seed)
     for folder in q.folders():
         shutil.rmtree(folder, ignore_errors=True)

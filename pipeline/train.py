@@ -56,6 +56,7 @@ from pipeline.ds_config import fill_deepspeed_config
 from pipeline.validation import validate_launch
 from pipeline.weights_check import frozen_digest
 from pipeline.flops import BatchShape, count_model, step_flops, visible_pairs
+from pipeline.process import freeze_setup_objects
 from pipeline.metrics import DroppedSamples, MetricsLogger, StepMetrics, peak_flops, peak_memory_gb
 from pipeline.tokens import PAD
 from pipeline.train_eval import TrainingEvaluator, check_eval_access, progress_fields
@@ -119,9 +120,15 @@ def forward_backward(engine, batches: list[dict[str, Any]], prepare: Callable[[d
 
 
 class Trainer:
-    """Builds everything from a validated recipe; :meth:`fit` runs the stage."""
+    """Builds everything from a validated recipe; :meth:`fit` runs the stage.
 
-    def __init__(self, config: Config, resume: str | None = None, stop_at_step: int | None = None):
+    ``freeze_setup``: the process belongs to this run (the command line sets it), so the objects of its
+    set-up are exempted from garbage collection (:mod:`pipeline.process`); a caller that builds several
+    trainers in one process leaves it off.
+    """
+
+    def __init__(self, config: Config, resume: str | None = None, stop_at_step: int | None = None,
+                 freeze_setup: bool = False):
         import torch.distributed as dist
         from pipeline.data.phases import PhasedLoader
 
@@ -152,6 +159,8 @@ class Trainer:
         phase("model_s")
         self.flops = count_model(model)
         self.engine, self.scheduler = build_engine(model, config, self.ds_config)
+        if freeze_setup:            # the process is this run's (the command line): see pipeline/process.py
+            freeze_setup_objects()  # (before the data loaders, which a phase switch frees)
         phase("engine_s")
         self.data = PhasedLoader(config, self.tokenizer, model.image_processor,
                                  on_start=lambda info: self.logger.event({"event": "data_phase", "step": self.step,
@@ -383,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:           # ConfigError is one
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer = Trainer(config, resume=args.resume, stop_at_step=args.stop_at_step)
+    trainer = Trainer(config, resume=args.resume, stop_at_step=args.stop_at_step, freeze_setup=True)
     try:
         trainer.fit()
     finally:

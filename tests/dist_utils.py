@@ -181,7 +181,8 @@ def _probe(probe_dir: str, train_args: list[str]) -> int:
         AKIModel.forward = preempted
     args = parse_args(train_args)
     global TRAINER
-    TRAINER = trainer = Trainer(prepare_config(args), resume=args.resume, stop_at_step=args.stop_at_step)
+    TRAINER = trainer = Trainer(prepare_config(args), resume=args.resume, stop_at_step=args.stop_at_step,
+                                freeze_setup=True)          # as the command line does
 
     def logits(tag: str) -> None:
         engine = trainer.engine

@@ -7,6 +7,7 @@ the first SFT steps trained again (alone, where the quickstart ran two side by s
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -30,6 +31,7 @@ MARGIN = 0.08
 COUNT_MARGIN = 0.15
 SCALE = 0.5
 SEED = 3
+EVALUATIONS = 4     # half the quickstart's 8: they change no training figure (tests/test_train_eval.py)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,8 @@ def half_quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "qs"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "pipeline.quickstart", "--steps-scale", str(SCALE), "--seed",
-                           str(SEED), "--out", str(out), "--min-margin", str(MARGIN)], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+                           str(SEED), "--evaluations", str(EVALUATIONS), "--out", str(out), "--min-margin",
+                           str(MARGIN)], cwd=REPO, env=env, capture_output=True, text=True)
     return out, proc
 
 
@@ -102,7 +104,8 @@ def test_half_quickstart_beats_chance_and_writes_its_report(half_quickstart):
 def test_the_first_sft_steps_trained_again_give_the_same_losses(half_quickstart):
     out, proc = half_quickstart
     assert (out / "runs" / "sft_mma" / "metrics.jsonl").is_file(), proc.stderr[-3000:]
-    q = Quickstart(out, Plan().scaled(SCALE), ranks=1, min_margin=MARGIN, seed=SEED)
+    q = Quickstart(out, dataclasses.replace(Plan().scaled(SCALE), evaluations=EVALUATIONS), ranks=1,
+                   min_margin=MARGIN, seed=SEED)
     steps = warmup_steps(q.plan.sft_steps) + 1      # the learning rates of these do not depend on the total
     q.run("sft_mma_again", [*finetune_cmd(q, "mma", "sft_mma_again"), "--set", f"train.total_steps={steps}"])
     _, first = read_loss_curve(str(out / "runs" / "sft_mma" / "metrics.jsonl"))

@@ -20,7 +20,6 @@ Writes ``predictions.jsonl`` (one line per question) and ``scores.json`` into ``
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Mapping, Sequence
 
 from pipeline.chat import Chat
@@ -86,4 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.process import run_command
+
+    run_command(main)

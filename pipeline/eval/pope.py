@@ -12,7 +12,6 @@ instruction before it) and count only an answer that is exactly ``yes`` or ``no`
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Mapping, Sequence
 
 from pipeline.chat import Chat
@@ -71,4 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.process import run_command
+
+    run_command(main)
