@@ -120,12 +120,8 @@ def forward_backward(engine, batches: list[dict[str, Any]], prepare: Callable[[d
 
 
 class Trainer:
-    """Builds everything from a validated recipe; :meth:`fit` runs the stage.
-
-    ``freeze_setup``: the process belongs to this run (the command line sets it), so the objects of its
-    set-up are exempted from garbage collection (:mod:`pipeline.process`); a caller that builds several
-    trainers in one process leaves it off.
-    """
+    """Builds everything from a validated recipe; :meth:`fit` runs the stage. ``freeze_setup`` (the command
+    line's): the process is this run's, so its set-up leaves garbage collection (:mod:`pipeline.process`)."""
 
     def __init__(self, config: Config, resume: str | None = None, stop_at_step: int | None = None,
                  freeze_setup: bool = False):
@@ -159,8 +155,8 @@ class Trainer:
         phase("model_s")
         self.flops = count_model(model)
         self.engine, self.scheduler = build_engine(model, config, self.ds_config)
-        if freeze_setup:            # the process is this run's (the command line): see pipeline/process.py
-            freeze_setup_objects()  # (before the data loaders, which a phase switch frees)
+        if freeze_setup:            # before the data loaders, which a phase switch frees
+            freeze_setup_objects()
         phase("engine_s")
         self.data = PhasedLoader(config, self.tokenizer, model.image_processor,
                                  on_start=lambda info: self.logger.event({"event": "data_phase", "step": self.step,
